@@ -1,0 +1,838 @@
+"""AsyPPO: Asymmetric Proximal Policy Optimization for LLM reasoning, in one file.
+
+Paper: Liu et al., "Asymmetric Proximal Policy Optimization: mini-critics boost LLM reasoning",
+arXiv 2510.01656 (ICLR 2026). AsyPPO is PPO with a large actor and M small "mini-critics":
+  Eq. 1  critic m is trained only on shard m of every prompt group's responses (response i -> critic i mod M),
+  Eq. 2  the critics' mean value V̄(s_t) = mean_m V_m(s_t) is the baseline,
+  Eq. 3  GAE runs on V̄ (the paper uses γ = λ = 1, so Â_t = R − V̄(s_t)),
+  Eq. 4  σ_t = std_m V_m(s_t): the 20% of tokens where the critics agree most get no policy gradient,
+  Eq. 5  and the 20% where they disagree most get no entropy bonus, in the clipped PPO objective.
+Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it).
+
+Runbook
+  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~3 min
+  torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
+  python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
+  torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base + 2 x Qwen3-1.7B-Base
+  torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \
+      asyppo.py --config configs.yaml                 # the same on 2 nodes x 8 GPUs
+Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration) and OUTPUT_DIR/final/{actor,critic0,..}
+(save_pretrained directories that load with transformers).
+"""
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import string
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+import transformers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
+                          GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+
+
+# =============================================================================================================
+# Configuration: defaults = the tiny CPU preset; configs.yaml holds the paper presets
+# =============================================================================================================
+@dataclass
+class ModelConfig:
+    actor: str = "tiny"  # hub id or local dir of the actor (a causal LM); "tiny": built in code (see build_tiny_models)
+    critic: str = "tiny"  # checkpoint every mini-critic starts from (a value head is added); "tiny": built in code
+    critic_paths: list = field(default_factory=list)  # optional, one checkpoint per critic; overrides `critic`
+    trust_remote_code: bool = False  # never run code from a checkpoint unless asked
+    param_dtype: str = "float32"  # FSDP2 compute dtype (master weights stay float32): float32 | bfloat16
+    grad_checkpointing: bool = False  # recompute activations in backward (long responses)
+    tiny_warm_start_steps: int = 150  # tiny only: supervised steps that make the "base model" (not RL)
+
+
+@dataclass
+class DataConfig:
+    task: str = "add"  # "add": single-digit addition made in code; "jsonl": prompts and answers from train_path
+    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line
+    prompt_key: str = "question"
+    answer_key: str = "final_answer"
+    template: str = "plain"  # "plain": the question as is; "chat": the tokenizer's chat template with system_prompt
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # "hf": transformers generate from an unsharded copy of the actor on every rank
+    prompts_per_step: int = 16  # B: prompts per iteration, over all ranks
+    group_size: int = 4  # G: responses per prompt
+    max_new_tokens: int = 3  # response length cap
+    temperature: float = 0.99  # sampling settings of the paper's appendix
+    top_p: float = 0.99
+    top_k: int = 100
+
+
+@dataclass
+class AlgoConfig:
+    num_critics: int = 2  # M mini-critics
+    value_agg: str = "mean"  # Eq. 2 aggregation: mean | min (the paper's ablation; worse)
+    gamma: float = 1.0  # Eq. 3 discount
+    lam: float = 1.0  # Eq. 3 GAE lambda
+    whiten_advantages: bool = True  # masked whitening of Â over the batch's valid tokens (before the mask)
+    adv_mask_frac: float = 0.2  # Eq. 4 k: fraction of valid tokens with the lowest σ that get no policy gradient
+    ent_filter_frac: float = 0.2  # Eq. 5 h: fraction of valid tokens with the highest σ that get no entropy bonus
+    clip_eps: float = 0.2  # PPO clip ε
+    ent_coef: float = 0.01  # β, entropy bonus coefficient
+    loss_agg: str = "seq-mean-token-mean"  # Eq. 5's (1/|o|) Σ_t then mean over sequences | token-mean
+    ppo_epochs: int = 1  # actor passes over each rollout batch (the paper's UTD: 1 or 4)
+    critic_first: bool = False  # True: the paper's Algorithm-1 order (update critics, then value the batch again)
+    critic_warmup_steps: int = 0  # first iterations update only the critics (random value heads make noisy Â)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps; constant afterwards
+    sequences_per_step: int = 32  # sequences per optimizer step, over all ranks (critics: within one shard)
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank (gradient accumulation)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    max_steps: int = 400  # iterations (rollout + update)
+    output_dir: str = "runs/tiny"
+    save_steps: int = 0  # export actor and critics every N iterations (0: only at the end)
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    actor: OptimConfig = field(default_factory=OptimConfig)
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01))
+
+
+CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "jsonl"}, "data.template": {"plain", "chat"},
+           "rollout.engine": {"hf"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
+           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}}
+
+
+def set_config_value(cfg, key, value):
+    """Set dotted `key` (e.g. "algo.clip_eps") to `value`, type-checked against the default. Exits with one line."""
+    *parents, leaf = key.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p, None)
+    if obj is None or not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+        sys.exit(f"config: unknown key '{key}'")
+    old = getattr(obj, leaf)
+    if dataclasses.is_dataclass(old):
+        sys.exit(f"config: '{key}' is a group; set its fields, e.g. '{key}.{dataclasses.fields(old)[0].name}'")
+    if isinstance(old, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads 1e-6 (no dot) as a string; ints are fine where floats are expected
+            value = float(value)
+        except ValueError:
+            pass
+    if type(value) is not type(old):
+        sys.exit(f"config: '{key}' must be {type(old).__name__}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        sys.exit(f"config: '{key}' must be one of {sorted(CHOICES[key])}, got {value!r}")
+    setattr(obj, leaf, value)
+
+
+def parse_config(argv):
+    parser = argparse.ArgumentParser(description="AsyPPO trainer", epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1")
+    parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
+    parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
+    parser.add_argument("overrides", nargs="*", help="key=value")
+    args = parser.parse_args(argv)
+    cfg = Config()
+    if args.config:
+        presets = yaml.safe_load(Path(args.config).read_text())
+        name = args.preset or presets["default"]
+        if name not in presets["presets"]:
+            sys.exit(f"config: preset '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
+
+        def apply(d, prefix=""):
+            for k, v in (d or {}).items():
+                apply(v, f"{prefix}{k}.") if isinstance(v, dict) else set_config_value(cfg, f"{prefix}{k}", v)
+        apply(presets["presets"][name])
+    elif args.preset:
+        sys.exit("config: --preset needs --config FILE")
+    for kv in args.overrides:
+        key, eq, value = kv.partition("=")
+        if not eq:
+            sys.exit(f"config: override '{kv}' is not key=value")
+        set_config_value(cfg, key, yaml.safe_load(value))
+    return cfg
+
+
+@dataclass
+class Sizes:
+    """Batch arithmetic, derived once from the config and the world size (all counts are sequences)."""
+    world: int
+    n_global: int  # N = B * G sequences per iteration
+    n_local: int  # sequences on this rank
+    prompts_local: int
+    actor_steps: int  # actor optimizer steps per PPO epoch
+    actor_micro_steps: int  # micro-batches per actor optimizer step on one rank
+    critic_steps: int  # optimizer steps per critic per iteration
+    critic_micro_steps: int
+
+
+def derive_sizes(cfg, world):
+    """Check that the batch arithmetic divides, stop with a clear error where it does not."""
+    B, G, M, A, C = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, cfg.actor, cfg.critic
+
+    def need(ok, msg):
+        if not ok:
+            sys.exit(f"config: {msg}")
+    need(M >= 1, f"algo.num_critics must be >= 1, got {M}")
+    need(G % M == 0, f"rollout.group_size ({G}) must be divisible by algo.num_critics ({M}): each critic gets G/M responses of every prompt")
+    need(B % world == 0, f"rollout.prompts_per_step ({B}) must be divisible by the world size ({world})")
+    N = B * G
+    for name, o, pool in (("actor", A, N), ("critic", C, N // M)):
+        need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
+        need(o.sequences_per_step % world == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the world size ({world})")
+        need((o.sequences_per_step // world) % o.micro_batch_size == 0,
+             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / world = {o.sequences_per_step // world}")
+    return Sizes(world=world, n_global=N, n_local=N // world, prompts_local=B // world,
+                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // world // A.micro_batch_size,
+                 critic_steps=N // M // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // C.micro_batch_size)
+
+
+# =============================================================================================================
+# The maths: small pure functions on response-aligned tensors. values [M, N, L], everything else [N, L],
+# mask = 1 on valid response tokens (a prefix of each row: responses are right-padded).
+# =============================================================================================================
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """Normalise x to mean 0, std 1 over the valid tokens; padding stays 0.
+    >>> masked_whiten(torch.tensor([[1., 3., 9.]]), torch.tensor([[1., 1., 0.]]))  # -> [[-1., 1., 0.]]"""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def aggregate_values(values, how="mean"):
+    """Eq. 2: one baseline from M critics' values [M, N, L] -> [N, L]. "mean" is AsyPPO; "min" the paper's ablation."""
+    return values.mean(0) if how == "mean" else values.min(0).values
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Eq. 3: generalized advantage estimation, https://arxiv.org/abs/1506.02438. Returns (advantages, returns), [N, L].
+    The value after the last valid token is 0; padded positions come out 0.
+    Worked example, one sequence of 2 tokens, reward 1 on the last, γ = λ = 1, V = [0.3, 0.6]:
+      δ = [0 + 0.6 − 0.3, 1 + 0 − 0.6] = [0.3, 0.4];  Â = [0.7, 0.4] = R − V;  returns = Â + V = [1, 1]."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    L = values.shape[1]
+    for t in reversed(range(L)):
+        next_value = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values  # critic target R_t = Â_t + V̄(s_t), before whitening
+
+
+def grpo_advantages(rewards, group_size, mask, eps=1e-6):
+    """The critic-free baseline (GRPO, https://arxiv.org/abs/2402.03300): per-sequence rewards [N] (groups of
+    `group_size` consecutive rows) -> (r − mean_group) / (std_group + eps) on every valid token, [N, L].
+    Example: rewards [1, 0, 0, 0], G = 4 -> mean 0.25, std 0.433 -> [1.73, −0.58, −0.58, −0.58]."""
+    r = rewards.view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.view(-1, 1) * mask
+
+
+def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac):
+    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) (population std) over the critics, ranked over all valid tokens.
+    adv_keep = 0 on the floor(adv_mask_frac * n) tokens with the smallest σ (critics agree: no policy gradient),
+    ent_keep = 0 on the floor(ent_filter_frac * n) tokens with the largest σ (critics disagree: no entropy bonus).
+    Ties are broken by index (stable sort), so the counts are exact. Invalid positions are 0 in both. [N, L] each.
+    Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
+    sigma = values.std(0, unbiased=False)  # [N, L]
+    valid = mask.bool()
+    n = int(valid.sum())
+    order = torch.argsort(sigma[valid], stable=True)  # [n] ascending σ; equal σ keep index order
+    k_adv = int(math.floor(adv_mask_frac * n + 1e-9))
+    k_ent = int(math.floor(ent_filter_frac * n + 1e-9))
+    adv_flat, ent_flat = torch.ones(n, device=mask.device), torch.ones(n, device=mask.device)
+    adv_flat[order[:k_adv]] = 0.0  # lowest σ
+    ent_flat[order[n - k_ent:]] = 0.0  # highest σ
+    adv_keep, ent_keep = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
+    adv_keep[valid], ent_keep[valid] = adv_flat, ent_flat
+    return adv_keep, ent_keep
+
+
+def critic_shards(num_sequences, group_size, num_critics):
+    """AsyPPO Eq. 1 data split: response i of every prompt group is trained on by critic i mod M. -> LongTensor[N].
+    Example: N = 8, G = 4, M = 2 -> [0, 1, 0, 1, 0, 1, 0, 1]: each critic sees every prompt, half its responses."""
+    if group_size % num_critics != 0:
+        raise ValueError(f"group size G={group_size} must be divisible by the number of critics M={num_critics}")
+    if num_sequences % group_size != 0:
+        raise ValueError(f"{num_sequences} sequences are not whole groups of G={group_size}")
+    return torch.arange(num_sequences) % group_size % num_critics
+
+
+def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
+    """Eq. 5's aggregation: (1/|o|) Σ_t per sequence, then the mean over sequences; or one mean over all tokens."""
+    if how == "token-mean":
+        return masked_mean(per_token, mask)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg="seq-mean-token-mean"):
+    """Eq. 5 as a loss to minimise: −J, J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
+    Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)  # ρ_t
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    objective = adv_keep * surrogate + ent_coef * ent_keep * entropy  # AsyPPO: I^A on the surrogate, I^H on the entropy
+    loss = -aggregate_loss(objective, mask, loss_agg)
+    with torch.no_grad():
+        stats = {"policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
+                 "entropy": masked_mean(entropy, mask),
+                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),  # k3 estimator, http://joschu.net/blog/kl-approx.html
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+                 "ratio_max": (ratio * mask + (1 - mask)).max()}  # padding reads as 1
+    return loss, stats
+
+
+def value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
+    """Eq. 1 for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss. No value clipping."""
+    return aggregate_loss(0.5 * (values - returns) ** 2, mask, loss_agg)
+
+
+def explained_variance(pred, target, mask):
+    """1 − Var(target − pred) / Var(target) over valid tokens: 1 is perfect, 0 is no better than a constant."""
+    var_t = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    err = target - pred
+    var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
+    return float(1 - var_e / var_t) if var_t > 0 else float("nan")
+
+
+# =============================================================================================================
+# Reward: math-verify, 1.0 for a correct final answer, else 0.0
+# =============================================================================================================
+MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the tail bounds the work on long responses
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_gold(answer, timeout):
+    from math_verify import parse
+    return parse(answer, parsing_timeout=timeout)
+
+
+@functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free
+def math_reward(response: str, answer: str) -> float:
+    """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises.
+    math-verify 0.9 bounds its work with signal.alarm, which only the main thread may use: there we keep its 5 s
+    limits; in other threads we turn them off (they would raise) and rely on the tail cut above.
+    >>> math_reward("so the answer is \\\\boxed{1/2}", "0.5")  # -> 1.0"""
+    from math_verify import parse, verify
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = _parse_gold(answer, timeout)
+        pred = parse(response[-MAX_RESPONSE_CHARS:], parsing_timeout=timeout)
+        return float(bool(verify(gold, pred, timeout_seconds=timeout)))
+    except Exception:  # a malformed response or answer scores 0, it never stops the run
+        return 0.0
+
+
+# =============================================================================================================
+# Data: the tiny task made in code, or prompts from a jsonl file
+# =============================================================================================================
+def prompt_batches(cfg, tokenizer):
+    """Yield (prompt token ids, answers) for the whole rollout batch (B prompts), the same on every rank."""
+    rng = random.Random(cfg.seed)
+    if cfg.data.task == "add":  # single-digit addition: "3+5=" -> "8"
+        while True:
+            pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(cfg.rollout.prompts_per_step)]
+            yield [tokenizer.encode(f"{a}+{b}=", add_special_tokens=False) for a, b in pairs], [str(a + b) for a, b in pairs]
+    rows = [json.loads(line) for line in Path(cfg.data.train_path).read_text().splitlines() if line.strip()]
+    prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
+    answers = [str(r[cfg.data.answer_key]) for r in rows]
+    while True:  # epochs over a shuffled order
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - cfg.rollout.prompts_per_step + 1, cfg.rollout.prompts_per_step):
+            idx = order[i:i + cfg.rollout.prompts_per_step]
+            yield [prompts[j] for j in idx], [answers[j] for j in idx]
+
+
+def encode_prompt(tokenizer, question, data_cfg):
+    if data_cfg.template == "chat":  # the paper's system instruction, then the question
+        messages = [{"role": "system", "content": data_cfg.system_prompt}, {"role": "user", "content": question}]
+        question = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(question, add_special_tokens=False)
+
+
+# =============================================================================================================
+# The tiny preset's models, built in code: a char-level tokenizer, a 2-layer Qwen3 actor, a 1-layer Qwen3 critic
+# =============================================================================================================
+def build_tiny_models(cfg, out_dir):
+    """Write the tiny preset's "base models" to out_dir/{actor,critic} and return the two paths.
+    A base model is what RL starts from: here a random Qwen3 given a short SUPERVISED warm start on the task
+    (a stand-in for pretraining; pure RL from random init collapses on this task). This part is not RL.
+    The critic's base is a smaller Qwen3 (asymmetric), warm-started the same way; the trainer adds its value head."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + chars)}, unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tk.decoder = decoders.Fuse()  # decode without spaces between characters
+    tk.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", padding_side="left")
+    common = dict(vocab_size=len(tokenizer), head_dim=32, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    sizes = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+             "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)}
+    rng = random.Random(cfg.seed)
+    examples = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
+    paths = []
+    for name, size in sizes.items():
+        torch.manual_seed(cfg.seed)
+        model = Qwen3ForCausalLM(Qwen3Config(**common, **size))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(cfg.model.tiny_warm_start_steps):  # supervised warm start: loss on the answer tokens only
+            batch = [rng.choice(examples) for _ in range(64)]
+            ids = [tokenizer.encode(p + a, add_special_tokens=False) + [tokenizer.eos_token_id] for p, a in batch]
+            T = max(map(len, ids))
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids])  # [64, T] left-padded
+            labels = torch.tensor([[-100] * (T - len(x) + len(p)) + x[len(p):] for x, (p, _) in zip(ids, batch)])
+            attn = (torch.arange(T)[None] >= torch.tensor([T - len(x) for x in ids])[:, None]).long()
+            loss = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        path = Path(out_dir) / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+# =============================================================================================================
+# Models: FSDP2-sharded actor and critics, each with its own AdamW + linear warm-up
+# =============================================================================================================
+def shard_model(model, param_dtype):
+    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, heads)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in getattr(model, model.base_model_prefix).layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def load_actor(path, cfg, device):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
+    if cfg.model.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return shard_model(model, getattr(torch, cfg.model.param_dtype))
+
+
+def load_critic(path, cfg, device):
+    """A mini-critic: a pretrained LM's last hidden state -> Linear(hidden, 1), one value per token."""
+    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
+    config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
+    model = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: the critic is a small LM, not an actor copy
+        path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
+    if cfg.model.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return shard_model(model, getattr(torch, cfg.model.param_dtype))
+
+
+def make_optimizer(model, o):
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, o.warmup_steps)))
+    return opt, sched
+
+
+def full_tensors(model):
+    """Stream (name, full tensor) out of an FSDP2 model one tensor at a time: never a whole second copy in memory.
+    Collective: every rank must iterate it in the same order."""
+    for name, t in model.state_dict().items():
+        yield name, t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def export_hf(model, tokenizer, path, rank):
+    """save_pretrained directory (loads with transformers), written by rank 0 from a gathered full state dict."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+    if rank == 0:
+        model.save_pretrained(path, state_dict=dict(sd))  # a copy: save_pretrained drops the tied lm_head key in place
+        tokenizer.save_pretrained(path)
+
+
+# =============================================================================================================
+# Rollout engine: every call into the generation library lives here (vLLM comes as a second engine)
+# =============================================================================================================
+class HFEngine:
+    """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
+    No collectives during generation; the trainer streams new weights in after every actor update."""
+
+    def __init__(self, path, cfg, device, eos_id, pad_id):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
+                                                          trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+        self.device, self.eos_id, self.pad_id = device, eos_id, pad_id
+        # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
+        # otherwise change the sampler behind our back and π_old would no longer be what was sampled
+        r = cfg.rollout
+        self.gen_cfg = GenerationConfig(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        max_new_tokens=r.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                                        repetition_penalty=1.0, num_beams=1)
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors):
+        own = self.model.state_dict()
+        for name, t in named_tensors:
+            own[name].copy_(t)
+
+    @torch.no_grad()
+    def generate(self, prompts):
+        """prompts: list of token-id lists -> one response (token ids, up to and including the first EOS) each."""
+        P = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompts], device=self.device)  # [n, P] left-padded
+        attn = (torch.arange(P, device=self.device)[None] >= torch.tensor([P - len(p) for p in prompts], device=self.device)[:, None]).long()
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=self.gen_cfg)[:, P:].tolist()
+        return [r[:r.index(self.eos_id) + 1] if self.eos_id in r else r for r in out]
+
+
+# =============================================================================================================
+# Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences
+# =============================================================================================================
+def positions(attn):
+    return (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0, as in generation
+
+
+def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy):
+    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L].
+    π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as is usual)."""
+    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
+    logits = logits[:, :-1].float() / temperature  # [n, L, V]: logits at position t-1 give π(o_t | s_t)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L]
+    return logp, entropy
+
+
+def critic_values(critic, input_ids, attn, L):
+    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs."""
+    return critic(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -L - 1:-1, 0].float()
+
+
+@torch.no_grad()
+def micro_batched(fn, model, input_ids, attn, micro_batch_size):
+    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size])
+                     for i in range(0, len(input_ids), micro_batch_size)])
+    model.reshard()  # FSDP2 leaves the root unsharded after a forward-only pass; free it
+    return out
+
+
+# =============================================================================================================
+# Updates: the actor (PPO epochs x minibatches x micro-batches) and each critic on its own shard
+# =============================================================================================================
+def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator):
+    input_ids, attn, mask = batch
+    L, A = mask.shape[1], cfg.actor
+    mb_local = A.sequences_per_step // sizes.world
+    stats, grad_norms = [], []
+    for _ in range(cfg.algo.ppo_epochs):
+        perm = torch.randperm(sizes.n_local, generator=generator)
+        for mb in perm.split(mb_local):  # one optimizer step per minibatch
+            for idx in mb.split(A.micro_batch_size):  # gradient accumulation
+                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature, with_entropy=True)
+                loss, s = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], adv_keep[idx], entropy, ent_keep[idx],
+                                      cfg.algo.clip_eps, cfg.algo.ent_coef, cfg.algo.loss_agg)
+                (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
+                stats.append(s)
+            grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm))
+    out = {f"losses/{k}": float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0] if k != "ratio_max"}
+    out["losses/ratio_max"] = max(float(s["ratio_max"]) for s in stats)
+    out["actor/grad_norm"] = float(np.mean(grad_norms))
+    out["actor/lr"] = sched.get_last_lr()[0]
+    return out
+
+
+def update_critics(critics, opts, scheds, cfg, sizes, batch, returns, shard):
+    """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard D_m only (disjoint across critics)."""
+    input_ids, attn, mask = batch
+    L, C = mask.shape[1], cfg.critic
+    mb_local = C.sequences_per_step // sizes.world
+    out = {}
+    for m, (critic, opt, sched) in enumerate(zip(critics, opts, scheds)):
+        rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: this critic's shard of this rank's sequences
+        losses, grad_norms = [], []
+        for mb in rows.split(mb_local):
+            for idx in mb.split(C.micro_batch_size):
+                loss = value_loss(critic_values(critic, input_ids[idx], attn[idx], L), returns[idx], mask[idx], cfg.algo.loss_agg)
+                (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
+                losses.append(loss.item())
+            grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm))
+        out[f"critic{m}/value_loss"] = float(np.mean(losses))
+        out[f"critic{m}/grad_norm"] = float(np.mean(grad_norms))
+    return out
+
+
+def token_share(mask, idx, mb, loss_agg):
+    """Weight of a micro-batch's mean loss in its minibatch's mean: by sequences, or by tokens for token-mean.
+    (FSDP averages gradients over ranks; the token-mean variant is then exact when ranks hold equal token counts.)"""
+    if loss_agg == "token-mean":
+        return mask[idx].sum() / mask[mb].sum().clamp(min=1)
+    return len(idx) / len(mb)
+
+
+def clip_and_step(model, opt, sched, max_norm):
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+
+
+# =============================================================================================================
+# Distributed helpers
+# =============================================================================================================
+def setup_distributed(cfg):
+    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 still needs a process group)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        sys.exit("This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
+                 "  python asyppo.py --config configs.yaml --preset tiny")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def all_gather_cat(t, dim=0):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim)
+
+
+def mean_over_ranks(d, device):
+    t = torch.tensor(list(d.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(d, (t / dist.get_world_size()).tolist()))
+
+
+def digest(*tensors):
+    return hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()[:12]
+
+
+def check_ranks_agree(what, value):
+    """Stop if ranks computed different values for something that must be identical everywhere."""
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, value)
+    if any(s != seen[0] for s in seen):
+        raise RuntimeError(f"ranks disagree on {what}: {seen}")
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# =============================================================================================================
+# Training
+# =============================================================================================================
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed(cfg)
+    transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
+    sizes = derive_sizes(cfg, world)
+    out_dir = Path(cfg.output_dir)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    B, G, M = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics
+
+    # ---- models: the tiny preset builds its base models first (rank 0 writes, the others wait) -------------------
+    actor_path, critic_path = cfg.model.actor, cfg.model.critic
+    if "tiny" in (actor_path, critic_path):
+        if rank == 0:
+            log(f"tiny preset: building the base models (char tokenizer, Qwen3, {cfg.model.tiny_warm_start_steps} supervised warm-start steps: not RL)")
+            build_tiny_models(cfg, out_dir / "base")
+        dist.barrier()
+        actor_path = str(out_dir / "base" / "actor") if actor_path == "tiny" else actor_path
+        critic_path = str(out_dir / "base" / "critic") if critic_path == "tiny" else critic_path
+    critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
+    if len(critic_paths) != M:
+        sys.exit(f"config: model.critic_paths has {len(critic_paths)} entries but algo.num_critics is {M}")
+    tokenizer = AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
+    actor = load_actor(actor_path, cfg, device)
+    critics = [load_critic(p, cfg, device) for p in critic_paths]  # AsyPPO: a list of M small critics
+    actor_opt, actor_sched = make_optimizer(actor, cfg.actor)
+    critic_opts, critic_scheds = zip(*[make_optimizer(c, cfg.critic) for c in critics])
+    engine = HFEngine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    data = prompt_batches(cfg, tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # minibatch shuffling
+    torch.manual_seed(cfg.seed + rank)  # sampling: different responses on every rank
+
+    n_actor = sum(p.numel() for p in actor.parameters())  # DTensor numel = the full parameter's
+    n_actor_local = sum(p.to_local().numel() for p in actor.parameters())
+    n_critic = sum(p.numel() for p in critics[0].parameters())
+    print(f"[rank {rank}] actor {n_actor:,} params, {n_actor_local:,} on this rank (FSDP2 over {world}); "
+          f"{M} critics of {n_critic:,} params each", flush=True)
+    log(f"batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, {sizes.n_local} per rank on {world} rank(s)\n"
+        f"  actor : {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} step(s) per epoch x "
+        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {cfg.actor.micro_batch_size} per step per rank\n"
+        f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
+        f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {cfg.critic.micro_batch_size} per step per rank")
+
+    metrics_file = None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        metrics_file = open(out_dir / "metrics.jsonl", "w")
+    rows = slice(rank * sizes.n_local, (rank + 1) * sizes.n_local)  # this rank's sequences in the global batch
+    shard = critic_shards(sizes.n_global, G, M)[rows]  # AsyPPO: which critic trains on each local sequence
+    bar = tqdm(range(cfg.max_steps), disable=rank != 0, desc="AsyPPO")
+    for step in bar:
+        t_start = time.time()
+        # ======== 1. rollout: G responses for each of this rank's prompts ==================================
+        prompts, answers = next(data)
+        prompts, answers = prompts[rank * sizes.prompts_local:(rank + 1) * sizes.prompts_local], answers[rank * sizes.prompts_local:(rank + 1) * sizes.prompts_local]
+        prompts = [p for p in prompts for _ in range(G)]  # group layout: G consecutive rows per prompt
+        answers = [a for a in answers for _ in range(G)]
+        responses = engine.generate(prompts)
+        t_rollout = time.time() - t_start
+
+        # ======== 2. reward: math-verify on the decoded response, placed on its last token =========================
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = torch.tensor([math_reward(t, a) for t, a in zip(texts, answers)], device=device)  # [n]
+        lengths = torch.tensor([len(r) for r in responses], device=device)
+        L = torch.tensor(int(lengths.max()), device=device)
+        dist.all_reduce(L, op=dist.ReduceOp.MAX)  # one response length L on every rank: the batch is gathered below
+        L, P = int(L), max(map(len, prompts))
+        input_ids = torch.full((sizes.n_local, P + L), tokenizer.pad_token_id, device=device)  # [n, P+L]
+        attn = torch.zeros_like(input_ids)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            input_ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
+            attn[i, P - len(p):P + len(r)] = 1
+        mask = attn[:, P:].float()  # [n, L] valid response tokens
+        rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
+
+        # ======== 3. values from every critic on every response, and π_old ========================================
+        t0 = time.time()
+        values = torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, L), c, input_ids, attn, cfg.critic.micro_batch_size)
+                              for c in critics])  # AsyPPO: [M, n, L], every critic values every sequence
+        old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
+                                 actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
+        t_values = time.time() - t0
+
+        # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
+        # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
+        g_values, g_rewards, g_mask = all_gather_cat(values, dim=1), all_gather_cat(rewards), all_gather_cat(mask)
+        g_scores = all_gather_cat(scores)
+
+        def advantages_and_masks(g_values):
+            v_bar = aggregate_values(g_values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
+            adv, returns = gae(g_rewards, v_bar, g_mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
+            if cfg.algo.whiten_advantages:
+                adv = masked_whiten(adv, g_mask)
+            adv_keep, ent_keep = uncertainty_masks(g_values, g_mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac)  # AsyPPO: Eq. 4-5
+            return adv, returns, adv_keep, ent_keep
+        adv, returns, adv_keep, ent_keep = advantages_and_masks(g_values)
+
+        metrics = {}
+        batch = (input_ids, attn, mask)
+        t0 = time.time()
+        if cfg.algo.critic_first:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values the batch again
+            metrics.update(update_critics(critics, critic_opts, critic_scheds, cfg, sizes, batch, returns[rows], shard))
+            values = torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, L), c, input_ids, attn, cfg.critic.micro_batch_size)
+                                  for c in critics])
+            g_values = all_gather_cat(values, dim=1)
+            adv, _, adv_keep, ent_keep = advantages_and_masks(g_values)
+        t_critic = time.time() - t0
+        check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
+
+        # ======== 5. actor update: PPO epochs x minibatches, uncertainty-masked clipped surrogate ==================
+        t0 = time.time()
+        actor_updated = step >= cfg.algo.critic_warmup_steps
+        if actor_updated:
+            metrics.update(update_actor(actor, actor_opt, actor_sched, cfg, sizes, batch, old_logp,
+                                        adv[rows], adv_keep[rows], ent_keep[rows], gen))
+        t_actor = time.time() - t0
+
+        # ======== 6. critic updates, each critic on its own shard only =============================================
+        t0 = time.time()
+        if not cfg.algo.critic_first:
+            metrics.update(update_critics(critics, critic_opts, critic_scheds, cfg, sizes, batch, returns[rows], shard))
+        t_critic += time.time() - t0
+
+        # ======== 7. weight sync: stream the new actor weights into the rollout engine =============================
+        t0 = time.time()
+        if actor_updated:
+            engine.load_weights(full_tensors(actor))
+        t_sync = time.time() - t0
+
+        # ======== 8. log ========================================================================================
+        metrics = mean_over_ranks(metrics, device)  # losses and grad norms: averaged over ranks
+        sigma = g_values.std(0, unbiased=False)
+        metrics.update({
+            "step": step,
+            "reward/mean": float(g_scores.mean()),
+            "response/length_mean": float(g_mask.sum(1).mean()),
+            "critic/value_mean": float(masked_mean(aggregate_values(g_values, cfg.algo.value_agg), g_mask)),
+            **{f"critic{m}/explained_variance": explained_variance(g_values[m], returns, g_mask) for m in range(M)},
+            "asyppo/value_std_mean": float(masked_mean(sigma, g_mask)),  # AsyPPO: critic disagreement σ
+            "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, g_mask)),  # AsyPPO: share of tokens with no policy gradient
+            "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, g_mask)),  # AsyPPO: share with no entropy bonus
+            "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
+            "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
+            "memory/peak_gb": peak_memory_gb(device),
+        })
+        if rank == 0:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
+
+        # ======== 9. checkpoint: export actor and critics when due ===============================================
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            export_all(actor, critics, tokenizer, out_dir / f"step_{step + 1}", rank)
+
+    export_all(actor, critics, tokenizer, out_dir / "final", rank)
+    print(f"[rank {rank}] done: {cfg.max_steps} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+          f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
+    if metrics_file:
+        metrics_file.close()
+    dist.destroy_process_group()
+
+
+def export_all(actor, critics, tokenizer, path, rank):
+    export_hf(actor, tokenizer, path / "actor", rank)
+    for m, critic in enumerate(critics):
+        export_hf(critic, tokenizer, path / f"critic{m}", rank)
+
+
+if __name__ == "__main__":
+    main()
