@@ -171,7 +171,13 @@ def parse_config(argv):
         def apply(d, prefix=""):
             for k, v in (d or {}).items():
                 apply(v, f"{prefix}{k}.") if isinstance(v, dict) else set_config_value(cfg, f"{prefix}{k}", v)
-        apply(presets["presets"][name])
+
+        def apply_preset(name):  # `inherit: other` applies the other preset first
+            preset = dict(presets["presets"][name] or {})
+            if "inherit" in preset:
+                apply_preset(preset.pop("inherit"))
+            apply(preset)
+        apply_preset(name)
     elif args.preset:
         sys.exit("config: --preset needs --config FILE")
     for kv in args.overrides:
