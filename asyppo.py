@@ -115,7 +115,7 @@ class OptimConfig:
 @dataclass
 class Config:
     seed: int = 42
-    max_steps: int = 400  # iterations (rollout + update)
+    max_steps: int = 500  # iterations (rollout + update)
     output_dir: str = "runs/tiny"
     save_steps: int = 0  # export actor and critics every N iterations (0: only at the end)
     device: str = "auto"  # auto | cpu | cuda
