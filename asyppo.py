@@ -454,7 +454,7 @@ def shard_model(model, param_dtype):
 def load_actor(path, cfg, device):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
     if cfg.model.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
     return shard_model(model, getattr(torch, cfg.model.param_dtype))
 
 
@@ -465,7 +465,7 @@ def load_critic(path, cfg, device):
     model = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: the critic is a small LM, not an actor copy
         path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
     if cfg.model.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
     return shard_model(model, getattr(torch, cfg.model.param_dtype))
 
 
