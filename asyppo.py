@@ -24,12 +24,14 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import random
 import resource
+import shutil
 import socket
 import string
 import sys
@@ -43,7 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -68,11 +72,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "add"  # "add": single-digit addition made in code; "jsonl": prompts and answers from train_path
-    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line
+    task: str = "add"  # made in code: "add" (3+5=), "add2" (47+38=, worked digit by digit) | "jsonl": from train_path
+    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line (or a hub dataset id, with `datasets`)
+    split: str = "train"  # hub datasets only
     prompt_key: str = "question"
     answer_key: str = "final_answer"
-    template: str = "plain"  # "plain": the question as is; "chat": the tokenizer's chat template with system_prompt
+    difficulty_key: str = "difficulty"
+    num_prompts: int = 0  # > 0: keep this many prompts, drawn without replacement with probability ∝ difficulty
+    template: str = "raw"  # "raw": the question as is | "auto": the tokenizer's chat template (system_prompt + question)
+    #                        when it has one, else "system_prompt\n\nquestion\n"
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
     max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this + max_new_tokens
 
@@ -88,6 +96,7 @@ class RolloutConfig:
     top_k: int = 100
     tensor_parallel_size: int = 1  # vllm: ranks that share one engine (consecutive ranks)
     gpu_memory_utilization: float = 0.3  # vllm: GPU memory share of the engine (it shares the GPU with training)
+    gpu_memory_gb: float = 80.0  # --dry-run: memory of one GPU, for the plan's verdict
     sync_check_tol: float = 1e-3  # stop when engine and trainer log-probs of the probe batch differ by more
     probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
     debug_skip_sync_step: int = -1  # testing aid: skip the weight sync at this iteration (the sync check must catch it)
@@ -95,6 +104,8 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
+    name: str = "asyppo"  # asyppo | ppo (one critic = the actor's checkpoint, no masks) | ppo_small (one mini-critic,
+    #                       no masks) | grpo (no critic, group-normalised reward): the baselines differ only here
     num_critics: int = 2  # M mini-critics
     value_agg: str = "mean"  # Eq. 2 aggregation: mean | min (the paper's ablation; worse)
     gamma: float = 1.0  # Eq. 3 discount
@@ -108,6 +119,18 @@ class AlgoConfig:
     ppo_epochs: int = 1  # actor passes over each rollout batch (the paper's UTD: 1 or 4)
     critic_first: bool = False  # True: the paper's Algorithm-1 order (update critics, then value the batch again)
     critic_warmup_steps: int = 0  # first iterations update only the critics (random value heads make noisy Â)
+
+
+@dataclass
+class EvalConfig:
+    steps: int = 0  # evaluate every N iterations and after the last one (0: never)
+    sets: list = field(default_factory=list)  # jsonl files (name = file stem), e.g. [data/eval/math500.jsonl, ...]
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    k: int = 4  # samples per problem: avg@k = mean accuracy over the k samples of every problem
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
 
 
 @dataclass
@@ -125,17 +148,22 @@ class Config:
     seed: int = 42
     max_steps: int = 500  # iterations (rollout + update)
     output_dir: str = "runs/tiny"
-    save_steps: int = 0  # export actor and critics every N iterations (0: only at the end)
+    save_steps: int = 0  # sharded, resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
+    keep_checkpoints: int = 2  # the last K checkpoints are kept
+    resume: str = ""  # "auto": continue from the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint dir
+    diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N iterations
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: OptimConfig = field(default_factory=OptimConfig)
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01))
 
 
-CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "jsonl"}, "data.template": {"plain", "chat"},
+CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "add2", "jsonl"},
+           "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"}, "data.template": {"raw", "auto"},
            "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
            "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}}
 
@@ -167,6 +195,8 @@ def parse_config(argv):
     parser = argparse.ArgumentParser(description="AsyPPO trainer", epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1")
     parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
     parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
+    parser.add_argument("--dry-run", action="store_true", help="print the batch arithmetic and a per-rank memory plan, load nothing")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="for --dry-run")
     parser.add_argument("overrides", nargs="*", help="key=value")
     args = parser.parse_args(argv)
     cfg = Config()
@@ -193,6 +223,23 @@ def parse_config(argv):
         if not eq:
             sys.exit(f"config: override '{kv}' is not key=value")
         set_config_value(cfg, key, yaml.safe_load(value))
+    apply_method(cfg)
+    if args.dry_run:
+        print(memory_plan(cfg, args.world_size))
+        sys.exit(0)
+    return cfg
+
+
+def apply_method(cfg):
+    """`algo.name` picks the method; rollout, data and budget stay the same. The baselines turn the masks off and set
+    the critics: ppo = one critic from the actor's own checkpoint (symmetric), ppo_small = one mini-critic, grpo = none."""
+    a = cfg.algo
+    if a.name != "asyppo":
+        a.adv_mask_frac = a.ent_filter_frac = 0.0
+        a.num_critics = 0 if a.name == "grpo" else 1
+        cfg.model.critic_paths = []
+    if a.name == "ppo":
+        cfg.model.critic = cfg.model.actor
     return cfg
 
 
@@ -216,20 +263,69 @@ def derive_sizes(cfg, world):
     def need(ok, msg):
         if not ok:
             sys.exit(f"config: {msg}")
-    need(M >= 1, f"algo.num_critics must be >= 1, got {M}")
+    need(M >= 1 or cfg.algo.name == "grpo", f"algo.num_critics must be >= 1, got {M}")
     need(world % cfg.rollout.tensor_parallel_size == 0,
          f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must divide the world size ({world})")
-    need(G % M == 0, f"rollout.group_size ({G}) must be divisible by algo.num_critics ({M}): each critic gets G/M responses of every prompt")
+    need(M == 0 or G % M == 0, f"rollout.group_size ({G}) must be divisible by algo.num_critics ({M}): each critic gets G/M responses of every prompt")
     need(B % world == 0, f"rollout.prompts_per_step ({B}) must be divisible by the world size ({world})")
     N = B * G
-    for name, o, pool in (("actor", A, N), ("critic", C, N // M)):
+    for name, o, pool in (("actor", A, N), ("critic", C, N // max(M, 1))):
         need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
         need(o.sequences_per_step % world == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the world size ({world})")
         need((o.sequences_per_step // world) % o.micro_batch_size == 0,
              f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / world = {o.sequences_per_step // world}")
     return Sizes(world=world, n_global=N, n_local=N // world, prompts_local=B // world,
                  actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // world // A.micro_batch_size,
-                 critic_steps=N // M // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // C.micro_batch_size)
+                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // C.micro_batch_size)
+
+
+def memory_plan(cfg, world):
+    """--dry-run: the batch arithmetic and a per-rank GPU memory plan (GB) for the colocated placement, from the
+    models' configs alone (built on the meta device: no weights are loaded or downloaded beyond config.json).
+    Rough by design: activations are estimated from the shapes, not measured."""
+    sizes, GB = derive_sizes(cfg, world), 2**30
+    M, r, bf = cfg.algo.num_critics, cfg.rollout, 2 if cfg.model.param_dtype == "bfloat16" else 4
+    T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
+
+    def shapes(path, critic):
+        config = tiny_config("critic" if critic else "actor") if path == "tiny" else AutoConfig.from_pretrained(path)
+        if critic:
+            config.num_labels = 1
+        with torch.device("meta"):
+            model = (AutoModelForTokenClassification if critic else AutoModelForCausalLM).from_config(config)
+        layer = sum(p.numel() for p in getattr(model, model.base_model_prefix).layers[0].parameters())
+        root = sum(p.numel() for p in model.parameters()) - layer * config.num_hidden_layers
+        return sum(p.numel() for p in model.parameters()), layer, root, config
+
+    def trainer_gb(path, critic, mb):
+        n, layer, root, c = shapes(path, critic)
+        states = 16 * n / world  # float32 weights + gradients + AdamW's two moments, sharded over the ranks
+        unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
+        per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
+        acts = (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing else c.num_hidden_layers * per_layer
+        logits = 0 if critic else mb * L * c.vocab_size * 4 * 4  # float32 logits, log-softmax, probs, their gradient
+        return n, states / GB, (unsharded + acts + logits) / GB
+
+    critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
+    na, a_states, a_peak = trainer_gb(cfg.model.actor, False, cfg.actor.micro_batch_size)
+    nc, c_states, c_peak = trainer_gb(critic_path, True, cfg.critic.micro_batch_size) if M else (0, 0.0, 0.0)
+    resident = a_states + M * c_states  # stays on the GPU the whole iteration
+    vllm = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB  # hf: an unsharded copy
+    rollout_phase = resident + vllm
+    train_phase = resident + max(a_peak, c_peak) + (0 if r.engine == "vllm" else vllm)  # vLLM sleeps while training
+    need = max(rollout_phase, train_phase)
+    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, colocated (every rank: actor + {M} critic(s) + a {r.engine} engine)",
+             f"batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, {sizes.n_local} per rank; "
+             f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), {sizes.actor_micro_steps} micro-batch(es) of "
+             f"{cfg.actor.micro_batch_size}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es)",
+             f"sequence length {T} = {cfg.data.max_prompt_tokens} prompt + {L} response tokens",
+             f"per-rank memory (GB), parameters sharded by FSDP2 over {world}:",
+             f"  actor   {na / 1e9:7.3f} B params: weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
+             *([f"  critics {M} x {nc / 1e9:.3f} B params: weights+grads+AdamW {M * c_states:8.2f}   training peak extra {c_peak:8.2f} (one at a time)"] if M else []),
+             f"  rollout engine ({r.engine}): {vllm:8.2f}" + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else ""),
+             f"  rollout phase {rollout_phase:8.2f}   training phase {train_phase:8.2f}   -> needs {need:.1f} of {r.gpu_memory_gb:.0f} GB: "
+             + ("fits" if need <= 0.95 * r.gpu_memory_gb else "does NOT fit")]
+    return "\n".join(lines)
 
 
 # =============================================================================================================
@@ -377,43 +473,78 @@ def math_reward(response: str, answer: str) -> float:
 # =============================================================================================================
 # Data: the tiny task made in code, or prompts from a jsonl file
 # =============================================================================================================
-def prompt_batches(cfg, tokenizer, log=print):
-    """Yield (prompt token ids, answers) for the whole rollout batch (B prompts), the same on every rank."""
-    rng = random.Random(cfg.seed)
-    if cfg.data.task == "add":  # single-digit addition: "3+5=" -> "8"
-        while True:
-            pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(cfg.rollout.prompts_per_step)]
-            yield [tokenizer.encode(f"{a}+{b}=", add_special_tokens=False) for a, b in pairs], [str(a + b) for a, b in pairs]
-    rows = [json.loads(line) for line in Path(cfg.data.train_path).read_text().splitlines() if line.strip()]
+def tiny_problem(task, rng):
+    """One problem of a task made in code: (prompt, answer, worked solution). The solution is used only by the
+    supervised warm start of the tiny base model; RL sees the prompt and is rewarded on the answer.
+    "add":  3+5=   -> 8
+    "add2": 47+38= -> 7+8=15;4+3+1=8;\\boxed{85}   (units with their carry, then tens: credit assignment matters)"""
+    if task == "add":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"{a}+{b}=", str(a + b), str(a + b)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    units = a % 10 + b % 10
+    tens = a // 10 + b // 10 + units // 10
+    return f"{a}+{b}=", str(a + b), f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}"
+
+
+def read_rows(path, split="train"):
+    """Rows of a jsonl file, or of a hub dataset when `path` is not a file and the `datasets` package is installed."""
+    if not Path(path).is_file() and importlib.util.find_spec("datasets") is not None:
+        import datasets
+        return list(datasets.load_dataset(path, split=split))
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_prompts(cfg, tokenizer, log=print):
+    """The training set as (prompt token ids, answers): optionally N prompts drawn ∝ difficulty (the paper trains on
+    5,000 hard DeepMath-103K prompts), then prompts over data.max_prompt_tokens dropped, both counted in the log."""
+    d = cfg.data
+    rows = read_rows(d.train_path, d.split)
+    if 0 < d.num_prompts < len(rows):
+        weights = np.array([float(r[d.difficulty_key]) for r in rows])
+        pick = np.random.default_rng(cfg.seed).choice(len(rows), size=d.num_prompts, replace=False, p=weights / weights.sum())
+        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to '{d.difficulty_key}'")
+        rows = [rows[i] for i in sorted(pick)]
     prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
-    answers = [str(r[cfg.data.answer_key]) for r in rows]
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
     log(f"data: {len(rows)} prompts from {cfg.data.train_path}, {len(rows) - len(keep)} dropped as longer than "
         f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-    prompts, answers, rows = [prompts[i] for i in keep], [answers[i] for i in keep], [rows[i] for i in keep]
-    while True:  # epochs over a shuffled order
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - cfg.rollout.prompts_per_step + 1, cfg.rollout.prompts_per_step):
-            idx = order[i:i + cfg.rollout.prompts_per_step]
-            yield [prompts[j] for j in idx], [answers[j] for j in idx]
+    return [prompts[i] for i in keep], [str(rows[i][cfg.data.answer_key]) for i in keep]
+
+
+def prompt_batch(cfg, tokenizer, dataset, step):
+    """The B prompts (token ids) and answers of iteration `step`, the same on every rank. A pure function of the step:
+    a resumed run sees exactly the batches a straight run would. jsonl: shuffled anew every epoch."""
+    B = cfg.rollout.prompts_per_step
+    if dataset is None:
+        rng = random.Random(f"{cfg.seed}-{step}")
+        problems = [tiny_problem(cfg.data.task, rng) for _ in range(B)]
+        return [tokenizer.encode(p, add_special_tokens=False) for p, _, _ in problems], [a for _, a, _ in problems]
+    prompts, answers = dataset
+    per_epoch = len(prompts) // B
+    if per_epoch == 0:
+        sys.exit(f"data: {len(prompts)} usable prompts, fewer than rollout.prompts_per_step={B}")
+    epoch, i = divmod(step, per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(f"{cfg.seed}-epoch{epoch}").shuffle(order)
+    idx = order[i * B:(i + 1) * B]
+    return [prompts[j] for j in idx], [answers[j] for j in idx]
 
 
 def encode_prompt(tokenizer, question, data_cfg):
-    if data_cfg.template == "chat":  # the paper's system instruction, then the question
+    if data_cfg.template == "auto" and tokenizer.chat_template:  # the paper's system instruction, then the question
         messages = [{"role": "system", "content": data_cfg.system_prompt}, {"role": "user", "content": question}]
         question = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif data_cfg.template == "auto":
+        question = f"{data_cfg.system_prompt}\n\n{question}\n"
     return tokenizer.encode(question, add_special_tokens=False)
 
 
 # =============================================================================================================
 # The tiny preset's models, built in code: a char-level tokenizer, a 2-layer Qwen3 actor, a 1-layer Qwen3 critic
 # =============================================================================================================
-def build_tiny_models(cfg, out_dir):
-    """Write the tiny preset's "base models" to out_dir/{actor,critic} and return the two paths.
-    A base model is what RL starts from: here a random Qwen3 given a short SUPERVISED warm start on the task
-    (a stand-in for pretraining; pure RL from random init collapses on this task). This part is not RL.
-    The critic's base is a smaller Qwen3 (asymmetric), warm-started the same way; the trainer adds its value head."""
+def tiny_tokenizer():
+    """One token per printable character (99 tokens with the 3 specials); left padding, for generation."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
@@ -421,21 +552,32 @@ def build_tiny_models(cfg, out_dir):
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()  # decode without spaces between characters
     tk.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", padding_side="left")
-    common = dict(vocab_size=len(tokenizer), head_dim=32, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    sizes = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
-             "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)}
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", padding_side="left")
+
+
+def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0):
+    """Qwen3 configs of the tiny preset: a 2-layer actor and a 1-layer critic (head_dim 32: vLLM's CPU minimum)."""
+    size = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+            "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)}[name]
+    return Qwen3Config(vocab_size=vocab_size, head_dim=32, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+                       eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, **size)
+
+
+def build_tiny_models(cfg, out_dir):
+    """Write the tiny preset's "base models" to out_dir/{actor,critic} and return the two paths.
+    A base model is what RL starts from: here a random Qwen3 given a short SUPERVISED warm start on the task
+    (a stand-in for pretraining; pure RL from random init collapses on this task). This part is not RL.
+    The critic's base is a smaller Qwen3 (asymmetric), warm-started the same way; the trainer adds its value head."""
+    tokenizer = tiny_tokenizer()
     rng = random.Random(cfg.seed)
-    examples = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
     paths = []
-    for name, size in sizes.items():
+    for name in ("actor", "critic"):
         torch.manual_seed(cfg.seed)
-        model = Qwen3ForCausalLM(Qwen3Config(**common, **size))
+        model = Qwen3ForCausalLM(tiny_config(name, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(cfg.model.tiny_warm_start_steps):  # supervised warm start: loss on the answer tokens only
-            batch = [rng.choice(examples) for _ in range(64)]
+            batch = [tiny_problem(cfg.data.task, rng)[::2] for _ in range(64)]  # (prompt, worked solution)
             ids = [tokenizer.encode(p + a, add_special_tokens=False) + [tokenizer.eos_token_id] for p, a in batch]
             T = max(map(len, ids))
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids])  # [64, T] left-padded
@@ -524,12 +666,14 @@ class HFEngine:
                                         repetition_penalty=1.0, num_beams=1, output_scores=True, return_dict_in_generate=True)
 
     @torch.no_grad()
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, seed, **overrides):
         """n responses per prompt (token ids up to and including the first EOS), grouped by prompt, and the
-        sampler's log-probs of them (temperature, top-k and top-p applied)."""
+        sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
+        torch.manual_seed(seed)
         prompts = [p for p in prompts for _ in range(n)]
         input_ids, attn = left_pad(prompts, self.pad_id, self.device)  # [n, P]
-        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=self.gen_cfg)
+        gen_cfg = GenerationConfig(**{**self.gen_cfg.to_dict(), **overrides})
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg)
         tokens = out.sequences[:, input_ids.shape[1]:]  # [n, T]
         logp = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, T], processed scores
         responses, logprobs = [], []
@@ -604,9 +748,12 @@ class VLLMEngine:
             group = dist.new_group(list(range(g * tp, (g + 1) * tp)))
             self.tp_group = group if dist.get_rank() // tp == g else self.tp_group
 
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, seed, **overrides):
         params = self.sampling.clone()
+        for key, value in overrides.items():  # HF names -> vLLM names
+            setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
         params.n = n  # G samples per prompt share the prompt's KV cache
+        params.seed = self._gather_tp([seed])[0]  # per-request seed (the TP group's first rank's): resumable sampling
         outs = self.llm.generate([{"prompt_token_ids": p} for p in self._gather_tp(prompts)], params, use_tqdm=False)
         responses = [list(c.token_ids) for o in outs for c in o.outputs]
         logprobs = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
@@ -727,13 +874,13 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
     return out
 
 
-def update_critics(critics, opts, scheds, cfg, sizes, batch, returns, shard):
+def update_critics(critics, optims, cfg, sizes, batch, returns, shard):
     """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard D_m only (disjoint across critics)."""
     input_ids, attn, mask = batch
     L, C = mask.shape[1], cfg.critic
     mb_local = C.sequences_per_step // sizes.world
     out = {}
-    for m, (critic, opt, sched) in enumerate(zip(critics, opts, scheds)):
+    for m, (critic, (opt, sched)) in enumerate(zip(critics, optims)):
         rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: this critic's shard of this rank's sequences
         losses, grad_norms = [], []
         for mb in rows.split(mb_local):
@@ -815,8 +962,123 @@ def peak_memory_gb(device):
 
 
 # =============================================================================================================
+# Evaluation: avg@k on held-out sets, generated by the rollout engine
+# =============================================================================================================
+def load_eval_sets(cfg, tokenizer):
+    e, sets = cfg.eval, {}
+    for path in e.sets:
+        rows = read_rows(path)
+        sets[Path(path).stem] = ([encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows], [str(r[e.answer_key]) for r in rows])
+    return sets
+
+
+def evaluate(cfg, engine, tokenizer, eval_sets, step, device):
+    """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards.
+    Problems are split over ranks (rank r takes problems r, r + world, ...); counts are summed over ranks."""
+    e, rank, world = cfg.eval, dist.get_rank(), dist.get_world_size()
+    sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
+    metrics = {}
+    for name, (prompts, answers) in eval_sets.items():
+        mine = list(range(rank, len(prompts), world))
+        correct = 0.0
+        if mine:
+            responses, _ = engine.generate([prompts[i] for i in mine], e.k, seed=cfg.seed + 7919 * step + rank, **sampling)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            correct = sum(math_reward(t, answers[mine[j // e.k]]) for j, t in enumerate(texts))
+        counts = torch.tensor([correct, len(mine) * e.k], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        metrics[f"eval/{name}/avg@{e.k}"] = float(counts[0] / counts[1])
+    if metrics:
+        metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
+    return metrics
+
+
+# =============================================================================================================
+# Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable
+# =============================================================================================================
+def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, keep):
+    """Everything needed to continue after iteration `step`: every model, optimizer and scheduler, and the step (the
+    data position and the RNG follow from it: both are functions of the step). Written to step_N.tmp and renamed
+    into place once complete, so a checkpoint directory without .tmp is always whole."""
+    rank = dist.get_rank()
+    final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(sharded_state(actor, actor_optim, critics, critic_optims), checkpoint_id=str(tmp))  # every rank its shards
+    if rank == 0:
+        scheds = [actor_optim[1].state_dict()] + [sched.state_dict() for _, sched in critic_optims]
+        torch.save({"next_step": step + 1, "schedulers": scheds, "probe": probe}, tmp / "trainer_state.pt")
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def sharded_state(actor, actor_optim, critics, critic_optims):
+    state = {"actor": get_model_state_dict(actor), "actor_optim": get_optimizer_state_dict(actor, actor_optim[0])}
+    for m, (critic, (opt, _)) in enumerate(zip(critics, critic_optims)):
+        state[f"critic{m}"], state[f"critic{m}_optim"] = get_model_state_dict(critic), get_optimizer_state_dict(critic, opt)
+    return state
+
+
+def latest_checkpoint(ckpt_dir):
+    done = sorted(p for p in Path(ckpt_dir).glob("step_???????") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path, actor, actor_optim, critics, critic_optims):
+    """Restore a save_checkpoint directory into the (already FSDP2-sharded) models and optimizers; returns
+    (next step, probe batch)."""
+    state = sharded_state(actor, actor_optim, critics, critic_optims)
+    dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
+    set_model_state_dict(actor, state["actor"])
+    set_optimizer_state_dict(actor, actor_optim[0], state["actor_optim"])
+    for m, (critic, (opt, _)) in enumerate(zip(critics, critic_optims)):  # every critic's optimizer too
+        set_model_state_dict(critic, state[f"critic{m}"])
+        set_optimizer_state_dict(critic, opt, state[f"critic{m}_optim"])
+    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    for (_, sched), sd in zip([actor_optim] + list(critic_optims), trainer["schedulers"]):
+        sched.load_state_dict(sd)
+    return trainer["next_step"], trainer["probe"]
+
+
+# =============================================================================================================
 # Training
 # =============================================================================================================
+def advantages_and_masks(cfg, values, rewards, scores, mask):
+    """Advantages, critic targets and uncertainty masks of the whole rollout batch. values [M, N, L], rewards [N, L],
+    scores [N], mask [N, L]. Every rank calls this on the same gathered tensors, so every rank gets the same masks."""
+    if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
+        return grpo_advantages(scores, cfg.rollout.group_size, mask), None, mask, mask
+    v_bar = aggregate_values(values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
+    adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
+    if cfg.algo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac)  # AsyPPO: Eq. 4-5
+    return adv, returns, adv_keep, ent_keep
+
+
+def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
+    """The diagnostics of the paper's appendix: σ percentiles, per-critic explained variance, critic correlation."""
+    M, valid = values.shape[0], mask.bool()
+    out = {"asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # AsyPPO: share of tokens with no policy gradient
+           "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask))}  # AsyPPO: share with no entropy bonus
+    if M == 0:
+        return out
+    sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: critic disagreement σ of every valid token
+    q = torch.quantile(sigma, torch.tensor([0.1, 0.5, 0.9], device=sigma.device)).tolist()
+    out.update({"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0], "asyppo/value_std_p50": q[1],
+                "asyppo/value_std_p90": q[2], "critic/value_mean": float(values.mean(0)[valid].mean())})
+    out.update({f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)})
+    if M > 1:  # mean Pearson correlation of the critics' values over all pairs
+        corr = torch.corrcoef(values[:, valid])
+        out["asyppo/critic_corr"] = float(corr[~torch.eye(M, dtype=torch.bool, device=corr.device)].mean())
+    return out
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed(cfg)
@@ -826,8 +1088,6 @@ def main(argv=None):
         import_vllm()  # fail now, not after the models are loaded
     out_dir = Path(cfg.output_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     B, G, M = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics
 
@@ -840,50 +1100,64 @@ def main(argv=None):
         dist.barrier()
         actor_path = str(out_dir / "base" / "actor") if actor_path == "tiny" else actor_path
         critic_path = str(out_dir / "base" / "critic") if critic_path == "tiny" else critic_path
+    if cfg.algo.name == "ppo":
+        critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
     critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
     if len(critic_paths) != M:
         sys.exit(f"config: model.critic_paths has {len(critic_paths)} entries but algo.num_critics is {M}")
     tokenizer = AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
     actor = load_actor(actor_path, cfg, device)
     critics = [load_critic(p, cfg, device) for p in critic_paths]  # AsyPPO: a list of M small critics
-    actor_opt, actor_sched = make_optimizer(actor, cfg.actor)
-    critic_opts, critic_scheds = zip(*[make_optimizer(c, cfg.critic) for c in critics])
+    actor_optim = make_optimizer(actor, cfg.actor)  # (AdamW, schedule)
+    critic_optims = [make_optimizer(c, cfg.critic) for c in critics]  # one AdamW + schedule per critic
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)  # starts from the same checkpoint
-    data = prompt_batches(cfg, tokenizer, log)
-    gen = torch.Generator().manual_seed(cfg.seed + rank)  # minibatch shuffling
-    torch.manual_seed(cfg.seed + rank)  # sampling: different responses on every rank
+    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" else None
+    eval_sets = load_eval_sets(cfg, tokenizer)
+
+    # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
+    start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if resume_from:
+        start_step, probe = load_checkpoint(resume_from, actor, actor_optim, critics, critic_optims)
+        engine.load_weights(full_tensors(actor))
+        log(f"resumed from {resume_from}: continuing at iteration {start_step}")
 
     n_actor = sum(p.numel() for p in actor.parameters())  # DTensor numel = the full parameter's
     n_actor_local = sum(p.to_local().numel() for p in actor.parameters())
-    n_critic = sum(p.numel() for p in critics[0].parameters())
+    n_critic = sum(p.numel() for p in critics[0].parameters()) if critics else 0
     print(f"[rank {rank}] actor {n_actor:,} params, {n_actor_local:,} on this rank (FSDP2 over {world}); "
-          f"{M} critics of {n_critic:,} params each", flush=True)
-    log(f"batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, {sizes.n_local} per rank on {world} rank(s)\n"
+          f"{M} critic(s) of {n_critic:,} params each", flush=True)
+    log(f"method: {cfg.algo.name}; batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, "
+        f"{sizes.n_local} per rank on {world} rank(s)\n"
         f"  actor : {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} step(s) per epoch x "
-        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {cfg.actor.micro_batch_size} per step per rank\n"
-        f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
-        f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {cfg.critic.micro_batch_size} per step per rank")
+        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {cfg.actor.micro_batch_size} per step per rank")
+    if M:
+        log(f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
+            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {cfg.critic.micro_batch_size} per step per rank")
 
     metrics_file = None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics_file = open(out_dir / "metrics.jsonl", "w")
+        metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
     rows = slice(rank * sizes.n_local, (rank + 1) * sizes.n_local)  # this rank's sequences in the global batch
-    shard = critic_shards(sizes.n_global, G, M)[rows]  # AsyPPO: which critic trains on each local sequence
-    bar = tqdm(range(cfg.max_steps), disable=rank != 0, desc="AsyPPO")
+    shard = critic_shards(sizes.n_global, G, M)[rows] if M else None  # AsyPPO: which critic trains on each local sequence
+    masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
+    bar = tqdm(range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step, total=cfg.max_steps)
     for step in bar:
         t_start = time.time()
+        seed = cfg.seed * 1_000_003 + step * world + rank  # every iteration reseeds: a resumed run samples the same
+        torch.manual_seed(seed)
         # ======== 1. rollout: G responses for each of this rank's prompts ==================================
-        prompts, answers = next(data)
+        prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
         mine = slice(rank * sizes.prompts_local, (rank + 1) * sizes.prompts_local)
-        responses, sampler_logp = engine.generate(prompts[mine], G)  # grouped: G consecutive rows per prompt
+        responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
         engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
         prompts = [p for p in prompts[mine] for _ in range(G)]
         answers = [a for a in answers[mine] for _ in range(G)]
-        if step == 0:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
-            probe = [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
+        if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
+            probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
             sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
         t_rollout = time.time() - t_start
 
@@ -902,11 +1176,11 @@ def main(argv=None):
         mask = attn[:, P:].float()  # [n, L] valid response tokens
         rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
         engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
+        batch = (input_ids, attn, mask)
 
         # ======== 3. values from every critic on every response, and π_old ========================================
         t0 = time.time()
-        values = torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, L), c, input_ids, attn, cfg.critic.micro_batch_size)
-                              for c in critics])  # AsyPPO: [M, n, L], every critic values every sequence
+        values = all_critic_values(critics, batch, cfg.critic.micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
         old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
                                  actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
         t_values = time.time() - t0
@@ -915,26 +1189,14 @@ def main(argv=None):
         # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
         # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
         g_values, g_rewards, g_mask = all_gather_cat(values, dim=1), all_gather_cat(rewards), all_gather_cat(mask)
-        g_scores = all_gather_cat(scores)
-
-        def advantages_and_masks(g_values):
-            v_bar = aggregate_values(g_values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
-            adv, returns = gae(g_rewards, v_bar, g_mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
-            if cfg.algo.whiten_advantages:
-                adv = masked_whiten(adv, g_mask)
-            adv_keep, ent_keep = uncertainty_masks(g_values, g_mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac)  # AsyPPO: Eq. 4-5
-            return adv, returns, adv_keep, ent_keep
-        adv, returns, adv_keep, ent_keep = advantages_and_masks(g_values)
-
+        g_scores, g_tokens = all_gather_cat(scores), all_gather_cat(input_ids[:, P:])
+        adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
         metrics = {}
-        batch = (input_ids, attn, mask)
         t0 = time.time()
-        if cfg.algo.critic_first:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values the batch again
-            metrics.update(update_critics(critics, critic_opts, critic_scheds, cfg, sizes, batch, returns[rows], shard))
-            values = torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, L), c, input_ids, attn, cfg.critic.micro_batch_size)
-                                  for c in critics])
-            g_values = all_gather_cat(values, dim=1)
-            adv, _, adv_keep, ent_keep = advantages_and_masks(g_values)
+        if cfg.algo.critic_first and critics:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
+            metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
+            g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.micro_batch_size), dim=1)
+            adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
         t_critic = time.time() - t0
         check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
 
@@ -942,14 +1204,14 @@ def main(argv=None):
         t0 = time.time()
         actor_updated = step >= cfg.algo.critic_warmup_steps
         if actor_updated:
-            metrics.update(update_actor(actor, actor_opt, actor_sched, cfg, sizes, batch, old_logp,
-                                        adv[rows], adv_keep[rows], ent_keep[rows], gen))
+            metrics.update(update_actor(actor, *actor_optim, cfg, sizes, batch, old_logp,
+                                        adv[rows], adv_keep[rows], ent_keep[rows], torch.Generator().manual_seed(seed)))
         t_actor = time.time() - t0
 
         # ======== 6. critic updates, each critic on its own shard only =============================================
         t0 = time.time()
-        if not cfg.algo.critic_first:
-            metrics.update(update_critics(critics, critic_opts, critic_scheds, cfg, sizes, batch, returns[rows], shard))
+        if critics and not cfg.algo.critic_first:
+            metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
         t_critic += time.time() - t0
 
         # ======== 7. weight sync: stream the new actor weights into the rollout engine, then check it =============
@@ -961,32 +1223,30 @@ def main(argv=None):
         t_sync = time.time() - t0
         if actor_updated:
             sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+        eval_due = eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps)
+        eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device) if eval_due else {}
 
         # ======== 8. log ========================================================================================
         metrics.update({"rollout/logprob_diff": logprob_diff, "rollout/sync_check_diff": sync_diff})
         metrics = mean_over_ranks(metrics, device)  # losses, grad norms, engine-trainer differences: averaged over ranks
-        sigma = g_values.std(0, unbiased=False)
-        metrics.update({
-            "step": step,
-            "reward/mean": float(g_scores.mean()),
-            "response/length_mean": float(g_mask.sum(1).mean()),
-            "critic/value_mean": float(masked_mean(aggregate_values(g_values, cfg.algo.value_agg), g_mask)),
-            **{f"critic{m}/explained_variance": explained_variance(g_values[m], returns, g_mask) for m in range(M)},
-            "asyppo/value_std_mean": float(masked_mean(sigma, g_mask)),  # AsyPPO: critic disagreement σ
-            "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, g_mask)),  # AsyPPO: share of tokens with no policy gradient
-            "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, g_mask)),  # AsyPPO: share with no entropy bonus
-            "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
-            "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
-            "memory/peak_gb": peak_memory_gb(device),
-        })
+        metrics.update({"step": step, "reward/mean": float(g_scores.mean()), "response/length_mean": float(g_mask.sum(1).mean()),
+                        **uncertainty_stats(g_values, returns, g_mask, adv_keep, ent_keep),
+                        "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
+                        "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
+                        "memory/peak_gb": peak_memory_gb(device), **eval_metrics})
         if rank == 0:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
+            count_masked_tokens(masked_counts, tokenizer, g_tokens, g_mask, adv_keep, ent_keep)
+            if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
+                write_diagnostics(out_dir / "diagnostics.jsonl", step, masked_counts)
 
-        # ======== 9. checkpoint: export actor and critics when due ===============================================
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            export_all(actor, critics, tokenizer, out_dir / f"step_{step + 1}", rank)
+        # ======== 9. checkpoint when due ==========================================================================
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            t0 = time.time()
+            path = save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, cfg.keep_checkpoints)
+            log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
 
     export_all(actor, critics, tokenizer, out_dir / "final", rank)
     print(f"[rank {rank}] done: {cfg.max_steps} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
@@ -996,6 +1256,34 @@ def main(argv=None):
     engine.close()
     if dist.is_initialized():  # vLLM's teardown may already have destroyed it
         dist.destroy_process_group()
+
+
+def all_critic_values(critics, batch, micro_batch_size):
+    input_ids, attn, mask = batch
+    if not critics:
+        return torch.zeros(0, *mask.shape, device=mask.device)
+    return torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, mask.shape[1]), c, input_ids, attn, micro_batch_size)
+                        for c in critics])  # [M, n, L]
+
+
+def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
+    """Accumulate, per token string, how often it was generated, masked from the policy gradient, filtered from the
+    entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
+    valid = mask.bool()
+    for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)), ("ent_filtered", valid & (ent_keep == 0))):
+        for tok, n in zip(*torch.unique(tokens[selected], return_counts=True)):
+            text = tokenizer.convert_ids_to_tokens(int(tok))
+            counts[key][text] = counts[key].get(text, 0) + int(n)
+
+
+def write_diagnostics(path, step, counts, top=20):
+    """One JSON line: the tokens most often masked / filtered so far, with counts and their share of occurrences."""
+    line = {"step": step}
+    for key in ("adv_masked", "ent_filtered"):
+        ranked = sorted(counts[key].items(), key=lambda kv: -kv[1])[:top]
+        line[key] = [[tok, n, round(n / counts["seen"][tok], 3)] for tok, n in ranked]
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def export_all(actor, critics, tokenizer, path, rank):
