@@ -27,11 +27,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import math
 import os
 import random
 import resource
 import shutil
+import signal
 import socket
 import string
 import sys
@@ -52,6 +55,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 import transformers
+from math_verify import parse, verify
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
                           GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
@@ -83,6 +87,7 @@ class DataConfig:
     #                        when it has one, else "system_prompt\n\nquestion\n"
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
     max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this + max_new_tokens
+    skip_bad_rows: bool = False  # a bad jsonl line (not UTF-8, not JSON, missing a field): stop naming file:line, or skip and count
 
 
 @dataclass
@@ -99,7 +104,6 @@ class RolloutConfig:
     gpu_memory_gb: float = 80.0  # --dry-run: memory of one GPU, for the plan's verdict
     sync_check_tol: float = 1e-3  # stop when engine and trainer log-probs of the probe batch differ by more
     probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
-    debug_skip_sync_step: int = -1  # testing aid: skip the weight sync at this iteration (the sync check must catch it)
 
 
 @dataclass
@@ -119,6 +123,19 @@ class AlgoConfig:
     ppo_epochs: int = 1  # actor passes over each rollout batch (the paper's UTD: 1 or 4)
     critic_first: bool = False  # True: the paper's Algorithm-1 order (update critics, then value the batch again)
     critic_warmup_steps: int = 0  # first iterations update only the critics (random value heads make noisy Â)
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0  # per response; a call that runs longer scores 0 and is counted in reward/timeouts
+    workers: int = 2  # reward worker processes (math-verify bounds its time with signals, which need a process)
+
+
+@dataclass
+class DebugConfig:  # testing aids: each makes one failure happen on purpose, so the tests can see it caught
+    skip_sync_step: int = -1  # skip the weight sync at this iteration (the sync check must stop the run)
+    nan_loss_step: int = -1  # make the actor loss NaN at this iteration
+    kill_in_save_step: int = -1  # SIGKILL this process in the middle of writing the checkpoint of this iteration
 
 
 @dataclass
@@ -151,12 +168,16 @@ class Config:
     save_steps: int = 0  # sharded, resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = ""  # "auto": continue from the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint dir
+    on_nonfinite: str = "stop"  # NaN/inf in advantages, loss or gradient norm: "stop" (naming the last good checkpoint) | "skip" the update
+    save_on_signal: bool = True  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit (a second signal: exit at once)
     diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N iterations
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: OptimConfig = field(default_factory=OptimConfig)
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01))
@@ -165,7 +186,7 @@ class Config:
 CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "add2", "jsonl"},
            "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"}, "data.template": {"raw", "auto"},
            "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
-           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}}
+           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}, "on_nonfinite": {"stop", "skip"}}
 
 
 def set_config_value(cfg, key, value):
@@ -224,10 +245,49 @@ def parse_config(argv):
             sys.exit(f"config: override '{kv}' is not key=value")
         set_config_value(cfg, key, yaml.safe_load(value))
     apply_method(cfg)
+    validate_config(cfg)
     if args.dry_run:
         print(memory_plan(cfg, args.world_size))
         sys.exit(0)
     return cfg
+
+
+def validate_config(cfg):
+    """Value rules, checked before anything is loaded; a broken rule stops with one line naming the key."""
+    def get(key):
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def need(key, ok, rule):
+        if not ok:
+            sys.exit(f"config: '{key}' {rule}, got {get(key)!r}")
+    for key in ("max_steps", "diag_steps", "keep_checkpoints", "rollout.prompts_per_step", "rollout.group_size",
+                "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size", "data.max_prompt_tokens",
+                "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size", "critic.sequences_per_step",
+                "critic.micro_batch_size", "eval.k", "reward.workers"):
+        need(key, get(key) >= 1, "must be >= 1")
+    for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
+                "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay", "algo.ent_coef",
+                "model.tiny_warm_start_steps"):
+        need(key, get(key) >= 0, "must be >= 0")
+    for key in ("actor.lr", "critic.lr", "actor.max_grad_norm", "critic.max_grad_norm", "rollout.temperature",
+                "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.sync_check_tol", "rollout.gpu_memory_gb"):
+        need(key, get(key) > 0, "must be > 0")
+    for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
+        need(key, 0 <= get(key) < 1, "must be in [0, 1)")
+    need("algo.ent_filter_frac", cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1, "plus algo.adv_mask_frac must be <= 1")
+    for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization"):
+        need(key, 0 < get(key) <= 1, "must be in (0, 1]")
+    for key in ("algo.gamma", "algo.lam"):
+        need(key, 0 <= get(key) <= 1, "must be in [0, 1]")
+    need("rollout.top_k", cfg.rollout.top_k >= 1 or cfg.rollout.top_k == -1, "must be >= 1 (or -1: no top-k)")
+    need("algo.num_critics", cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo", f"must be >= 1 for algo.name={cfg.algo.name}")
+    need("data.train_path", cfg.data.task != "jsonl" or cfg.data.train_path, "must be set when data.task=jsonl")
+    need("rollout.group_size", cfg.algo.num_critics == 0 or cfg.rollout.group_size % cfg.algo.num_critics == 0,
+         f"must be divisible by algo.num_critics={cfg.algo.num_critics} (each critic gets G/M responses of every prompt)")
+    need("model.critic_paths", len(cfg.model.critic_paths) in (0, cfg.algo.num_critics), f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)")
 
 
 def apply_method(cfg):
@@ -263,10 +323,8 @@ def derive_sizes(cfg, world):
     def need(ok, msg):
         if not ok:
             sys.exit(f"config: {msg}")
-    need(M >= 1 or cfg.algo.name == "grpo", f"algo.num_critics must be >= 1, got {M}")
     need(world % cfg.rollout.tensor_parallel_size == 0,
          f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must divide the world size ({world})")
-    need(M == 0 or G % M == 0, f"rollout.group_size ({G}) must be divisible by algo.num_critics ({M}): each critic gets G/M responses of every prompt")
     need(B % world == 0, f"rollout.prompts_per_step ({B}) must be divisible by the world size ({world})")
     N = B * G
     for name, o, pool in (("actor", A, N), ("critic", C, N // max(M, 1))):
@@ -448,26 +506,92 @@ def explained_variance(pred, target, mask):
 MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the tail bounds the work on long responses
 
 
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # else it warns "Timeout is disabled" on every call without alarms
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_gold(answer, timeout):
-    from math_verify import parse
     return parse(answer, parsing_timeout=timeout)
 
 
 @functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free
-def math_reward(response: str, answer: str) -> float:
+def math_reward(response: str, answer: str, timeout_s: float | None = 5.0) -> float:
     """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises.
-    math-verify 0.9 bounds its work with signal.alarm, which only the main thread may use: there we keep its 5 s
-    limits; in other threads we turn them off (they would raise) and rely on the tail cut above.
+    math-verify 0.9 bounds its work with signal.alarm, which only a main thread may use: there its limits are
+    timeout_s; in other threads (or with timeout_s=None) they are off, and only the tail cut above bounds the work.
+    The trainer scores through RewardPool, which puts a hard limit on every call.
     >>> math_reward("so the answer is \\\\boxed{1/2}", "0.5")  # -> 1.0"""
-    from math_verify import parse, verify
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    on_main = threading.current_thread() is threading.main_thread()
+    timeout = max(1, round(timeout_s)) if timeout_s and on_main else None
     try:
         gold = _parse_gold(answer, timeout)
         pred = parse(response[-MAX_RESPONSE_CHARS:], parsing_timeout=timeout)
         return float(bool(verify(gold, pred, timeout_seconds=timeout)))
     except Exception:  # a malformed response or answer scores 0, it never stops the run
         return 0.0
+
+
+def _reward_worker(conn, parent_pid):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
+    while os.getppid() == parent_pid:  # the trainer is gone (killed, preempted): go too
+        if conn.poll(1.0):
+            response, answer = conn.recv()
+            conn.send(math_reward(response, answer, None))  # no alarms: the parent's hard limit bounds the call
+
+
+class RewardPool:
+    """math_reward in `workers` processes with a hard time limit on every call: a call still running after timeout_s
+    (math-verify can spend minutes on LaTeX such as 10^{10^{10^{10}}}, some of it in C code that no signal interrupts)
+    scores 0, is counted as a timeout, and its process is killed and replaced. A batch of n rewards therefore takes at
+    most about ceil(n / workers) x timeout_s. One batch at a time; callable from any thread."""
+
+    def __init__(self, workers, timeout_s):
+        self.timeout_s, self.lock = timeout_s, threading.Lock()
+        # fork: workers start at once with math_verify already imported; they run no torch or CUDA code
+        self.ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        self.workers = [self._start() for _ in range(workers)]
+
+    def _start(self):
+        conn, child_conn = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_reward_worker, args=(child_conn, os.getpid()), daemon=True)
+        proc.start()
+        child_conn.close()
+        return proc, conn
+
+    def score(self, responses, answers):
+        """-> (scores list, number of calls cut off at timeout_s)."""
+        with self.lock:
+            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}  # busy: w -> (job, t0)
+            while todo or busy:
+                for w in range(len(self.workers)):
+                    if w not in busy and todo:
+                        job = todo.pop()
+                        self.workers[w][1].send((responses[job], answers[job]))
+                        busy[w] = (job, time.monotonic())
+                ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
+                for w, (job, t0) in list(busy.items()):
+                    proc, conn = self.workers[w]
+                    if conn in ready:
+                        try:
+                            scores[job] = conn.recv()
+                            del busy[w]
+                            continue
+                        except EOFError:  # the worker died (killed from outside): score 0, replace it
+                            pass
+                    elif time.monotonic() - t0 < self.timeout_s:
+                        continue
+                    else:
+                        timeouts += 1
+                    proc.kill()
+                    proc.join()
+                    self.workers[w] = self._start()
+                    del busy[w]
+            return scores, timeouts
+
+    def close(self):
+        for proc, conn in self.workers:
+            proc.kill()
+            conn.close()
 
 
 # =============================================================================================================
@@ -487,19 +611,45 @@ def tiny_problem(task, rng):
     return f"{a}+{b}=", str(a + b), f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}"
 
 
-def read_rows(path, split="train"):
-    """Rows of a jsonl file, or of a hub dataset when `path` is not a file and the `datasets` package is installed."""
-    if not Path(path).is_file() and importlib.util.find_spec("datasets") is not None:
+def read_rows(path, fields, skip_bad=False, split="train", log=print):
+    """Rows of a jsonl file (or of a hub dataset when `path` is not a file and the `datasets` package is installed),
+    each with every key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming
+    file and line, or, with skip_bad, is skipped and counted."""
+    if not Path(path).is_file() and "/" in str(path) and not str(path).startswith((".", "/")) and importlib.util.find_spec("datasets"):
         import datasets
         return list(datasets.load_dataset(path, split=split))
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not Path(path).is_file():
+        sys.exit(f"data: {path}: no such file")
+    rows, bad = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in fields if k not in row]
+                if missing:
+                    raise ValueError(f"missing field(s) {missing}")
+            except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+                if not skip_bad:
+                    sys.exit(f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} (data.skip_bad_rows=true skips such lines)")
+                bad += 1
+                continue
+            rows.append(row)
+    if bad:
+        log(f"data: skipped {bad} bad line(s) of {path}")
+    if not rows:
+        sys.exit(f"data: {path}: no usable rows")
+    return rows
 
 
 def load_prompts(cfg, tokenizer, log=print):
     """The training set as (prompt token ids, answers): optionally N prompts drawn ∝ difficulty (the paper trains on
     5,000 hard DeepMath-103K prompts), then prompts over data.max_prompt_tokens dropped, both counted in the log."""
     d = cfg.data
-    rows = read_rows(d.train_path, d.split)
+    rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []), d.skip_bad_rows, d.split, log)
     if 0 < d.num_prompts < len(rows):
         weights = np.array([float(r[d.difficulty_key]) for r in rows])
         pick = np.random.default_rng(cfg.seed).choice(len(rows), size=d.num_prompts, replace=False, p=weights / weights.sum())
@@ -852,7 +1002,7 @@ def micro_batched(fn, model, input_ids, attn, micro_batch_size):
 # =============================================================================================================
 # Updates: the actor (PPO epochs x minibatches x micro-batches) and each critic on its own shard
 # =============================================================================================================
-def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator):
+def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator, inject_nan=False):
     input_ids, attn, mask = batch
     L, A = mask.shape[1], cfg.actor
     mb_local = A.sequences_per_step // sizes.world
@@ -864,12 +1014,15 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
                 logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature, with_entropy=True)
                 loss, s = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], adv_keep[idx], entropy, ent_keep[idx],
                                       cfg.algo.clip_eps, cfg.algo.ent_coef, cfg.algo.loss_agg)
+                if inject_nan:  # debug.nan_loss_step
+                    loss = loss * float("nan")
                 (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
                 stats.append(s)
-            grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm))
+            grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm, cfg.on_nonfinite))
     out = {f"losses/{k}": float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0] if k != "ratio_max"}
     out["losses/ratio_max"] = max(float(s["ratio_max"]) for s in stats)
-    out["actor/grad_norm"] = float(np.mean(grad_norms))
+    out["actor/skipped_steps"] = sum(g is None for g in grad_norms)
+    out["actor/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     out["actor/lr"] = sched.get_last_lr()[0]
     return out
 
@@ -888,9 +1041,10 @@ def update_critics(critics, optims, cfg, sizes, batch, returns, shard):
                 loss = value_loss(critic_values(critic, input_ids[idx], attn[idx], L), returns[idx], mask[idx], cfg.algo.loss_agg)
                 (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
                 losses.append(loss.item())
-            grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm))
+            grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
         out[f"critic{m}/value_loss"] = float(np.mean(losses))
-        out[f"critic{m}/grad_norm"] = float(np.mean(grad_norms))
+        out[f"critic{m}/skipped_steps"] = sum(g is None for g in grad_norms)
+        out[f"critic{m}/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     return out
 
 
@@ -902,12 +1056,24 @@ def token_share(mask, idx, mb, loss_agg):
     return len(idx) / len(mb)
 
 
-def clip_and_step(model, opt, sched, max_norm):
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def clip_and_step(model, opt, sched, max_norm, on_nonfinite="stop"):
+    """Clip, step, zero. A NaN/inf gradient norm (from a NaN loss, say) never reaches the weights: the update is
+    skipped (on_nonfinite="skip"; returns None) or the run stops. Every rank sees the same reduced norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+    if not math.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        if on_nonfinite == "skip":
+            return None
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) in {type(model).__name__.removeprefix('FSDP')}")
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+    return grad_norm
 
 
 # =============================================================================================================
@@ -967,12 +1133,12 @@ def peak_memory_gb(device):
 def load_eval_sets(cfg, tokenizer):
     e, sets = cfg.eval, {}
     for path in e.sets:
-        rows = read_rows(path)
+        rows = read_rows(path, [e.prompt_key, e.answer_key], cfg.data.skip_bad_rows)
         sets[Path(path).stem] = ([encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows], [str(r[e.answer_key]) for r in rows])
     return sets
 
 
-def evaluate(cfg, engine, tokenizer, eval_sets, step, device):
+def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder):
     """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards.
     Problems are split over ranks (rank r takes problems r, r + world, ...); counts are summed over ranks."""
     e, rank, world = cfg.eval, dist.get_rank(), dist.get_world_size()
@@ -984,7 +1150,7 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device):
         if mine:
             responses, _ = engine.generate([prompts[i] for i in mine], e.k, seed=cfg.seed + 7919 * step + rank, **sampling)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(math_reward(t, answers[mine[j // e.k]]) for j, t in enumerate(texts))
+            correct = sum(rewarder.score(texts, [answers[mine[j // e.k]] for j in range(len(texts))])[0])
         counts = torch.tensor([correct, len(mine) * e.k], dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         metrics[f"eval/{name}/avg@{e.k}"] = float(counts[0] / counts[1])
@@ -996,7 +1162,7 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device):
 # =============================================================================================================
 # Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable
 # =============================================================================================================
-def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, keep):
+def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, keep, kill_midway=False):
     """Everything needed to continue after iteration `step`: every model, optimizer and scheduler, and the step (the
     data position and the RNG follow from it: both are functions of the step). Written to step_N.tmp and renamed
     into place once complete, so a checkpoint directory without .tmp is always whole."""
@@ -1007,6 +1173,8 @@ def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, 
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(sharded_state(actor, actor_optim, critics, critic_optims), checkpoint_id=str(tmp))  # every rank its shards
+    if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
         scheds = [actor_optim[1].state_dict()] + [sched.state_dict() for _, sched in critic_optims]
         torch.save({"next_step": step + 1, "schedulers": scheds, "probe": probe}, tmp / "trainer_state.pt")
@@ -1081,6 +1249,7 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s)  # forked first, while the process is small
     rank, world, device = setup_distributed(cfg)
     transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
     sizes = derive_sizes(cfg, world)
@@ -1103,25 +1272,26 @@ def main(argv=None):
     if cfg.algo.name == "ppo":
         critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
     critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
-    if len(critic_paths) != M:
-        sys.exit(f"config: model.critic_paths has {len(critic_paths)} entries but algo.num_critics is {M}")
-    tokenizer = AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
-    actor = load_actor(actor_path, cfg, device)
-    critics = [load_critic(p, cfg, device) for p in critic_paths]  # AsyPPO: a list of M small critics
+    tokenizer = load_or_exit("model.actor", actor_path, lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code))
+    for path in dict.fromkeys(critic_paths):
+        check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
+    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" else None  # bad data stops the run here,
+    eval_sets = load_eval_sets(cfg, tokenizer)  # before any model is loaded
+    actor = load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device))
+    critics = [load_or_exit("model.critic", p, lambda: load_critic(p, cfg, device)) for p in critic_paths]  # AsyPPO: M small critics
     actor_optim = make_optimizer(actor, cfg.actor)  # (AdamW, schedule)
     critic_optims = [make_optimizer(c, cfg.critic) for c in critics]  # one AdamW + schedule per critic
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)  # starts from the same checkpoint
-    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" else None
-    eval_sets = load_eval_sets(cfg, tokenizer)
 
     # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
     start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume_from:
+        t0 = time.time()
         start_step, probe = load_checkpoint(resume_from, actor, actor_optim, critics, critic_optims)
         engine.load_weights(full_tensors(actor))
-        log(f"resumed from {resume_from}: continuing at iteration {start_step}")
+        log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
     n_actor = sum(p.numel() for p in actor.parameters())  # DTensor numel = the full parameter's
     n_actor_local = sum(p.to_local().numel() for p in actor.parameters())
@@ -1144,118 +1314,177 @@ def main(argv=None):
     rows = slice(rank * sizes.n_local, (rank + 1) * sizes.n_local)  # this rank's sequences in the global batch
     shard = critic_shards(sizes.n_global, G, M)[rows] if M else None  # AsyPPO: which critic trains on each local sequence
     masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
+    skipped_updates, stop_signal = 0, []
+
+    def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
+        stop_signal.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     bar = tqdm(range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step, total=cfg.max_steps)
-    for step in bar:
-        t_start = time.time()
-        seed = cfg.seed * 1_000_003 + step * world + rank  # every iteration reseeds: a resumed run samples the same
-        torch.manual_seed(seed)
-        # ======== 1. rollout: G responses for each of this rank's prompts ==================================
-        prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
-        mine = slice(rank * sizes.prompts_local, (rank + 1) * sizes.prompts_local)
-        responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
-        engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
-        prompts = [p for p in prompts[mine] for _ in range(G)]
-        answers = [a for a in answers[mine] for _ in range(G)]
-        if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
-            probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
-            sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
-        t_rollout = time.time() - t_start
+    interrupted = None
+    try:
+        for step in bar:
+            t_start = time.time()
+            seed = cfg.seed * 1_000_003 + step * world + rank  # every iteration reseeds: a resumed run samples the same
+            torch.manual_seed(seed)
+            # ======== 1. rollout: G responses for each of this rank's prompts ==================================
+            prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
+            mine = slice(rank * sizes.prompts_local, (rank + 1) * sizes.prompts_local)
+            responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
+            engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
+            prompts = [p for p in prompts[mine] for _ in range(G)]
+            answers = [a for a in answers[mine] for _ in range(G)]
+            if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
+                probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
+                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+            t_rollout = time.time() - t_start
 
-        # ======== 2. reward: math-verify on the decoded response, placed on its last token =========================
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = torch.tensor([math_reward(t, a) for t, a in zip(texts, answers)], device=device)  # [n]
-        lengths = torch.tensor([len(r) for r in responses], device=device)
-        L = torch.tensor(int(lengths.max()), device=device)
-        dist.all_reduce(L, op=dist.ReduceOp.MAX)  # one response length L on every rank: the batch is gathered below
-        L, P = int(L), max(map(len, prompts))
-        input_ids = torch.full((sizes.n_local, P + L), tokenizer.pad_token_id, device=device)  # [n, P+L]
-        attn = torch.zeros_like(input_ids)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            input_ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
-            attn[i, P - len(p):P + len(r)] = 1
-        mask = attn[:, P:].float()  # [n, L] valid response tokens
-        rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
-        engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
-        batch = (input_ids, attn, mask)
+            # ======== 2. reward: math-verify on the decoded response, placed on its last token =========================
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            scores, reward_timeouts = rewarder.score(texts, answers)
+            scores = torch.tensor(scores, device=device)  # [n]
+            lengths = torch.tensor([len(r) for r in responses], device=device)
+            L = torch.tensor(int(lengths.max()), device=device)
+            dist.all_reduce(L, op=dist.ReduceOp.MAX)  # one response length L on every rank: the batch is gathered below
+            L, P = int(L), max(map(len, prompts))
+            input_ids = torch.full((sizes.n_local, P + L), tokenizer.pad_token_id, device=device)  # [n, P+L]
+            attn = torch.zeros_like(input_ids)
+            for i, (p, r) in enumerate(zip(prompts, responses)):
+                input_ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
+                attn[i, P - len(p):P + len(r)] = 1
+            mask = attn[:, P:].float()  # [n, L] valid response tokens
+            rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
+            engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
+            batch = (input_ids, attn, mask)
 
-        # ======== 3. values from every critic on every response, and π_old ========================================
-        t0 = time.time()
-        values = all_critic_values(critics, batch, cfg.critic.micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
-        old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
-                                 actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
-        t_values = time.time() - t0
-        logprob_diff = float(masked_mean((engine_logp - old_logp).abs(), mask))  # engine vs trainer on the rollout tokens
-
-        # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
-        # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
-        g_values, g_rewards, g_mask = all_gather_cat(values, dim=1), all_gather_cat(rewards), all_gather_cat(mask)
-        g_scores, g_tokens = all_gather_cat(scores), all_gather_cat(input_ids[:, P:])
-        adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
-        metrics = {}
-        t0 = time.time()
-        if cfg.algo.critic_first and critics:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
-            metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
-            g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.micro_batch_size), dim=1)
-            adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
-        t_critic = time.time() - t0
-        check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
-
-        # ======== 5. actor update: PPO epochs x minibatches, uncertainty-masked clipped surrogate ==================
-        t0 = time.time()
-        actor_updated = step >= cfg.algo.critic_warmup_steps
-        if actor_updated:
-            metrics.update(update_actor(actor, *actor_optim, cfg, sizes, batch, old_logp,
-                                        adv[rows], adv_keep[rows], ent_keep[rows], torch.Generator().manual_seed(seed)))
-        t_actor = time.time() - t0
-
-        # ======== 6. critic updates, each critic on its own shard only =============================================
-        t0 = time.time()
-        if critics and not cfg.algo.critic_first:
-            metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
-        t_critic += time.time() - t0
-
-        # ======== 7. weight sync: stream the new actor weights into the rollout engine, then check it =============
-        t0 = time.time()
-        engine.wake_up(tags=["weights"])
-        if actor_updated and step != cfg.rollout.debug_skip_sync_step:
-            engine.load_weights(full_tensors(actor))
-        engine.wake_up(tags=["kv_cache"])
-        t_sync = time.time() - t0
-        if actor_updated:
-            sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
-        eval_due = eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps)
-        eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device) if eval_due else {}
-
-        # ======== 8. log ========================================================================================
-        metrics.update({"rollout/logprob_diff": logprob_diff, "rollout/sync_check_diff": sync_diff})
-        metrics = mean_over_ranks(metrics, device)  # losses, grad norms, engine-trainer differences: averaged over ranks
-        metrics.update({"step": step, "reward/mean": float(g_scores.mean()), "response/length_mean": float(g_mask.sum(1).mean()),
-                        **uncertainty_stats(g_values, returns, g_mask, adv_keep, ent_keep),
-                        "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
-                        "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
-                        "memory/peak_gb": peak_memory_gb(device), **eval_metrics})
-        if rank == 0:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
-            count_masked_tokens(masked_counts, tokenizer, g_tokens, g_mask, adv_keep, ent_keep)
-            if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
-                write_diagnostics(out_dir / "diagnostics.jsonl", step, masked_counts)
-
-        # ======== 9. checkpoint when due ==========================================================================
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            # ======== 3. values from every critic on every response, and π_old ========================================
             t0 = time.time()
-            path = save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, cfg.keep_checkpoints)
-            log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
+            values = all_critic_values(critics, batch, cfg.critic.micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
+            old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
+                                     actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
+            t_values = time.time() - t0
+            logprob_diff = float(masked_mean((engine_logp - old_logp).abs(), mask))  # engine vs trainer on the rollout tokens
 
-    export_all(actor, critics, tokenizer, out_dir / "final", rank)
-    print(f"[rank {rank}] done: {cfg.max_steps} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+            # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
+            # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
+            g_values, g_rewards, g_mask = all_gather_cat(values, dim=1), all_gather_cat(rewards), all_gather_cat(mask)
+            g_scores, g_tokens = all_gather_cat(scores), all_gather_cat(input_ids[:, P:])
+            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
+            metrics = {}
+            t0 = time.time()
+            if cfg.algo.critic_first and critics:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
+                metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
+                g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.micro_batch_size), dim=1)
+                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
+            t_critic = time.time() - t0
+            check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
+            actor_updated = step >= cfg.algo.critic_warmup_steps
+            if not torch.isfinite(adv).all():  # the same gathered tensor on every rank: every rank decides the same
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
+                actor_updated, skipped_updates = False, skipped_updates + 1
+
+            # ======== 5. actor update: PPO epochs x minibatches, uncertainty-masked clipped surrogate ==================
+            t0 = time.time()
+            if actor_updated:
+                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, batch, old_logp, adv[rows], adv_keep[rows],
+                                            ent_keep[rows], torch.Generator().manual_seed(seed), step == cfg.debug.nan_loss_step))
+            t_actor = time.time() - t0
+
+            # ======== 6. critic updates, each critic on its own shard only =============================================
+            t0 = time.time()
+            if critics and not cfg.algo.critic_first:
+                metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
+            t_critic += time.time() - t0
+
+            # ======== 7. weight sync: stream the new actor weights into the rollout engine, then check it =============
+            t0 = time.time()
+            engine.wake_up(tags=["weights"])
+            if actor_updated and step != cfg.debug.skip_sync_step:
+                engine.load_weights(full_tensors(actor))
+            engine.wake_up(tags=["kv_cache"])
+            t_sync = time.time() - t0
+            if actor_updated:
+                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+            eval_due = eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps)
+            eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder) if eval_due else {}
+
+            # ======== 8. log ========================================================================================
+            skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
+            metrics.update({"rollout/logprob_diff": logprob_diff, "rollout/sync_check_diff": sync_diff, "reward/timeouts": reward_timeouts,
+                            "train/skipped_updates": skipped_updates})
+            metrics = mean_over_ranks(metrics, device)  # losses, grad norms, engine-trainer differences: averaged over ranks
+            metrics.update({"step": step, "reward/mean": float(g_scores.mean()), "response/length_mean": float(g_mask.sum(1).mean()),
+                            **uncertainty_stats(g_values, returns, g_mask, adv_keep, ent_keep),
+                            "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
+                            "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
+                            "memory/peak_gb": peak_memory_gb(device), **eval_metrics})
+            if rank == 0:
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
+                count_masked_tokens(masked_counts, tokenizer, g_tokens, g_mask, adv_keep, ent_keep)
+                if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
+                    write_diagnostics(out_dir / "diagnostics.jsonl", step, masked_counts)
+
+            # ======== 9. checkpoint when due ==========================================================================
+            stop = torch.tensor(float(bool(stop_signal)), device=device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
+            if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (stop and cfg.save_on_signal):
+                t0 = time.time()
+                path = save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, cfg.keep_checkpoints,
+                                       kill_midway=step == cfg.debug.kill_in_save_step)
+                log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
+            if stop:
+                interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
+                log(f"stopped by {interrupted} after iteration {step}" + (f"; resume with resume=auto" if cfg.save_on_signal else ""))
+                break
+    except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
+        good = latest_checkpoint(ckpt_dir)
+        sys.exit(f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
+                 f"set on_nonfinite=skip to skip such updates instead")
+
+    if not interrupted:
+        export_all(actor, critics, tokenizer, out_dir / "final", rank)
+    print(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
           f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
     if metrics_file:
         metrics_file.close()
+    rewarder.close()
     engine.close()
     if dist.is_initialized():  # vLLM's teardown may already have destroyed it
         dist.destroy_process_group()
+
+
+def load_or_exit(what, path, load):
+    """Model loading errors (no such directory, no config, not a causal LM, unreadable weights, ...) become one line
+    naming the key. A local path must be a directory with a config.json; anything else is taken as a hub id."""
+    local = Path(path).expanduser()
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        if not local.is_dir():
+            sys.exit(f"{what}: '{path}' is not a directory" + (" (point to the model's directory, not a file in it)" if local.is_file() else ""))
+        if not (local / "config.json").is_file():
+            sys.exit(f"{what}: '{path}' has no config.json: not a transformers model directory")
+    try:
+        return load()
+    except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
+        hint = " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
+        sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{hint}")
+
+
+def check_critic_vocab(tokenizer, path, trust_remote_code):
+    """The critics read the actor's token ids: their vocabulary must be the actor's."""
+    config = load_or_exit("model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    if config.vocab_size < len(tokenizer):
+        sys.exit(f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, smaller than the actor tokenizer's {len(tokenizer)}")
+    try:
+        critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+    except (OSError, ValueError):
+        return  # a checkpoint without a tokenizer: the size check above is all we can do
+    if critic_vocab != tokenizer.get_vocab():
+        sys.exit(f"model.critic: '{path}' has a different tokenizer from the actor's ({len(critic_vocab)} vs {len(tokenizer)} "
+                 f"tokens, or the same ids for other tokens): the critics must read the actor's token ids")
 
 
 def all_critic_values(critics, batch, micro_batch_size):

@@ -5,9 +5,12 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -236,14 +239,36 @@ def test_config_presets_and_overrides():
     (["rollout.group_size=4.5"], "'rollout.group_size' must be int"),
     (["algo.value_agg=max"], "'algo.value_agg' must be one of"),
     (["novalue"], "not key=value"),
+    (["max_steps=0"], "'max_steps' must be >= 1, got 0"),
+    (["rollout.prompts_per_step=-4"], "'rollout.prompts_per_step' must be >= 1, got -4"),
+    (["actor.micro_batch_size=0"], "'actor.micro_batch_size' must be >= 1"),
+    (["save_steps=-1"], "'save_steps' must be >= 0"),
+    (["critic.lr=0"], "'critic.lr' must be > 0"),
+    (["reward.timeout_s=0"], "'reward.timeout_s' must be > 0"),
+    (["algo.adv_mask_frac=1.0"], "'algo.adv_mask_frac' must be in [0, 1), got 1.0"),
+    (["algo.ent_filter_frac=-0.1"], "'algo.ent_filter_frac' must be in [0, 1)"),
+    (["algo.adv_mask_frac=0.6", "algo.ent_filter_frac=0.5"], "'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1"),
+    (["rollout.top_p=1.5"], "'rollout.top_p' must be in (0, 1]"),
+    (["algo.gamma=1.1"], "'algo.gamma' must be in [0, 1]"),
+    (["algo.num_critics=0"], "'algo.num_critics' must be >= 1 for algo.name=asyppo"),
+    (["rollout.group_size=6", "algo.num_critics=4"], "'rollout.group_size' must be divisible by algo.num_critics=4"),
+    (["model.critic_paths=[a, b, c]"], "'model.critic_paths' must hold algo.num_critics=2 paths"),
+    (["data.task=jsonl"], "'data.train_path' must be set when data.task=jsonl"),
 ])
 def test_config_errors_name_the_key(argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         asyppo.parse_config(argv)
 
 
+def test_config_error_is_one_line_before_any_model_is_loaded(tmp_path):
+    p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "algo.adv_mask_frac=0.9", "algo.ent_filter_frac=0.3"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "config: 'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1, got 0.3"]
+    assert not any(tmp_path.iterdir())  # nothing built, nothing loaded
+
+
 @pytest.mark.parametrize("overrides,world,message", [
-    (["rollout.group_size=6", "algo.num_critics=4"], 1, "rollout.group_size (6) must be divisible by algo.num_critics (4)"),
     (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step (3) must be divisible by the world size (2)"),
     (["actor.sequences_per_step=48"], 1, "actor.sequences_per_step (48) must divide"),
     (["actor.micro_batch_size=12"], 2, "actor.micro_batch_size (12) must divide"),
@@ -347,10 +372,11 @@ def test_script_torchrun_two_processes(tmp_path, engine):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_learning_reward_rises(tmp_path, engine):
-    """Fixed seed, 250 iterations of the tiny preset: the reward must rise by a clear margin."""
-    run([sys.executable, "asyppo.py", "max_steps=250", f"output_dir={tmp_path}", f"rollout.engine={engine}"])
+    """Fixed seed, 400 iterations of the tiny preset: the reward must rise by a clear margin. (One seed's curve is
+    noisy: over seeds 1-3 with vLLM the rise from the first 50 to iterations 350-400 was +0.28, +0.22 and +0.09.)"""
+    run([sys.executable, "asyppo.py", "max_steps=400", f"output_dir={tmp_path}", f"rollout.engine={engine}"])
     rewards = [m["reward/mean"] for m in read_metrics(tmp_path)]
-    first, last = sum(rewards[:25]) / 25, sum(rewards[-25:]) / 25
+    first, last = sum(rewards[:50]) / 50, sum(rewards[-50:]) / 50
     assert last > first + 0.1, (first, last)
 
 
@@ -372,7 +398,7 @@ def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sync_check_fails_when_a_sync_is_skipped(tmp_path, engine):
     p = subprocess.run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", f"rollout.engine={engine}",
-                        "rollout.debug_skip_sync_step=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+                        "debug.skip_sync_step=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0
     assert "weight sync check failed" in p.stderr
     assert len(read_metrics(tmp_path)) == 1  # iteration 0 went through; iteration 1 stopped at its check
@@ -531,3 +557,156 @@ def test_dry_run_plan_without_weights(tmp_path):
     assert "actor     4.022 B params" in p.stdout and "critics 2 x 1.721 B params" in p.stdout
     assert re.search(r"needs [\d.]+ of 80 GB: (fits|does NOT fit)", p.stdout)
     assert not list(tmp_path.glob("**/*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability: bad models, bad data, pathological rewards, NaN, a kill mid-save, signals
+# ---------------------------------------------------------------------------------------------------------------
+FAST = ["model.tiny_warm_start_steps=10"]  # these tests check plumbing, not learning: a barely warm-started base
+
+
+def fails(args, timeout=300):
+    """Run the script expecting it to stop; -> (return code, stderr)."""
+    p = subprocess.run([sys.executable, "asyppo.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode != 0, p.stdout[-2000:]
+    return p.returncode, p.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny actor and critic on disk, and broken variants of them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, ViTConfig
+    root = tmp_path_factory.mktemp("models")
+    actor, critic = asyppo.build_tiny_models(asyppo.parse_config(["model.tiny_warm_start_steps=0"]), root)
+    tok = asyppo.tiny_tokenizer()
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32).save_pretrained(root / "vit")
+    tok.save_pretrained(root / "vit")  # a model directory whose model is no causal LM
+    asyppo.tiny_config("critic", vocab_size=50).save_pretrained(root / "small_vocab")  # a critic that cannot read the actor's ids
+    shutil.copytree(critic, root / "other_tokenizer")  # same size, other ids: the vocabulary of `tok`, reversed
+    vocab = tok.get_vocab()
+    other = Tokenizer(models.WordLevel(vocab={t: len(vocab) - 1 - i for t, i in vocab.items()}, unk_token="<|endoftext|>"))
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(root / "other_tokenizer")
+    remote = root / "remote_code"  # a checkpoint that ships its own code: importing it would leave a marker file
+    shutil.copytree(actor, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (remote / "evil.py").write_text(f"open({str(root / 'MARKER')!r}, 'w').write('remote code ran')\n")
+    return root, actor, critic
+
+
+@pytest.mark.parametrize("which,path,message", [
+    ("actor", "/no/such/model", "model.actor: '/no/such/model' is not a directory"),
+    ("critic", "CRITIC/config.json", "is not a directory (point to the model's directory, not a file in it)"),
+    ("actor", "ROOT/vit", "model.actor: cannot load 'ROOT/vit': ValueError: Unrecognized configuration class"),
+    ("critic", "ROOT/small_vocab", "has a vocabulary of 50, smaller than the actor tokenizer's 99"),
+    ("critic", "ROOT/other_tokenizer", "has a different tokenizer from the actor's"),
+    ("actor", "ROOT/remote_code", "Its code runs only with model.trust_remote_code=true"),
+])
+def test_bad_models_stop_at_start_with_one_line(tmp_path, model_dirs, which, path, message):
+    root, actor, critic = model_dirs
+    path = path.replace("ROOT", str(root)).replace("CRITIC", critic)
+    message = message.replace("ROOT", str(root))
+    models = {"actor": actor, "critic": critic, which: path}
+    _, err = fails([f"output_dir={tmp_path}", f"model.actor={models['actor']}", f"model.critic={models['critic']}"])
+    assert message in err.strip().splitlines()[-1], err  # the last line says what is wrong (transformers may warn before)
+    assert not (root / "MARKER").exists()  # trust_remote_code is off: the checkpoint's code never ran
+
+
+def test_bad_data_names_file_and_line(tmp_path):
+    good = json.dumps({"question": "1+2=", "final_answer": "3"})
+    cases = {"missing.jsonl": None, "empty.jsonl": b"\n\n",
+             "not_json.jsonl": f"{good}\n{good}\n{{oops\n".encode(),
+             "no_field.jsonl": f"{good}\n{json.dumps({'question': '1+1='})}\n".encode(),
+             "not_object.jsonl": f"{good}\n[1, 2]\n".encode(),
+             "not_utf8.jsonl": good.encode() + b"\n" + '{"question": "caf\u00e9", "final_answer": "1"}'.encode("latin-1") + b"\n"}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    expected = {"missing.jsonl": "missing.jsonl: no such file", "empty.jsonl": "empty.jsonl: no usable rows",
+                "not_json.jsonl": "not_json.jsonl:3: Expecting property name", "no_field.jsonl": "no_field.jsonl:2: missing field(s) ['final_answer']",
+                "not_object.jsonl": "not_object.jsonl:2: not a JSON object", "not_utf8.jsonl": "not_utf8.jsonl:2: 'utf-8' codec can't decode"}
+    for name, message in expected.items():
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            asyppo.read_rows(tmp_path / name, ["question", "final_answer"])
+    lines = []  # skip_bad_rows: the good rows are kept and the bad ones counted
+    rows = asyppo.read_rows(tmp_path / "not_utf8.jsonl", ["question", "final_answer"], skip_bad=True, log=lines.append)
+    assert rows == [json.loads(good)] and lines == [f"data: skipped 1 bad line(s) of {tmp_path / 'not_utf8.jsonl'}"]
+    # through the script: one line, before any model is loaded (the tiny base models are built, nothing else)
+    _, err = fails([f"output_dir={tmp_path / 'out'}", "data.task=jsonl", f"data.train_path={tmp_path / 'no_field.jsonl'}", *FAST])
+    assert err.strip().splitlines() == [f"data: {tmp_path / 'no_field.jsonl'}:2: missing field(s) ['final_answer'] (data.skip_bad_rows=true skips such lines)"]
+
+
+PATHOLOGICAL = [("x" * 100_000 + " so \\boxed{4}", "4", 1.0),  # 100,000 characters: only the tail is parsed
+                ("\\boxed{{{{{2}", "2", 0.0), ("}}}}\\boxed{3", "3", 0.0),  # unbalanced braces
+                ("\\boxed{\\boxed{\\boxed{5}}}", "5", 1.0),  # nested \boxed
+                ("\\boxed{10^{10^{10^{10}}}}", "1", 0.0),  # an exponent tower: math-verify would compute it for minutes
+                ("\\boxed{7}", "2^{2^{2^{2^{2^{2}}}}}", 0.0),  # the same in the gold answer
+                ("$" + "\\frac{1}{" * 150 + "1" + "}" * 150 + "$", "1", 0.0)]  # deep nesting: a long parser search
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_reward_pool_bounds_pathological_inputs(in_thread):
+    pool, out = asyppo.RewardPool(workers=2, timeout_s=1.0), {}
+    responses, answers, expected = zip(*PATHOLOGICAL * 2)
+
+    def work():
+        t0 = time.time()
+        out["scores"], out["timeouts"] = pool.score(list(responses), list(answers))
+        out["seconds"] = time.time() - t0
+    try:
+        if in_thread:  # a reward server or an async rollout scores from threads: no signal may be needed there
+            t = threading.Thread(target=work)
+            t.start()
+            t.join(timeout=120)
+        else:
+            work()
+    finally:
+        pool.close()
+    assert out["scores"] == list(expected)
+    assert out["timeouts"] >= 2  # the response's tower is cut off at 1 s and counted (twice); the others end sooner
+    assert out["seconds"] < len(responses) / 2 * 1.0 + 5  # ceil(n / workers) x timeout_s, plus slack
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path):
+    rc, err = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.nan_loss_step=3", *FAST])
+    assert rc == 1 and f"iteration 3: non-finite gradient norm (nan) in Qwen3ForCausalLM" in err
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'step_0000002'}" in err
+    assert len(read_metrics(tmp_path)) == 3 and not (tmp_path / "final").exists()
+
+
+def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
+    run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=5", "debug.nan_loss_step=2", "on_nonfinite=skip", *FAST])
+    metrics = read_metrics(tmp_path)
+    assert [m["actor/skipped_steps"] for m in metrics] == [0, 0, 2, 0, 0]  # both optimizer steps of iteration 2
+    assert [m["train/skipped_updates"] for m in metrics] == [0, 0, 2, 2, 2]
+    weights = final_weights(tmp_path)["actor"]
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN never reached the weights
+
+
+def test_kill_mid_save_keeps_the_previous_checkpoint_and_resume_picks_it(tmp_path):
+    p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2",
+                        "debug.kill_in_save_step=3", *FAST], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9  # SIGKILL while writing step 4's checkpoint
+    names = sorted(x.name for x in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_0000002", "step_0000004.tmp"]  # the half-written one never took the real name
+    log = run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *FAST])
+    assert "step_0000002: continuing at iteration 2" in log
+    assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3, 2, 3, 4, 5]  # the log keeps the lost iterations
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=100000", *FAST], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ((tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.2)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    step = read_metrics(tmp_path)[-1]["step"]
+    assert f"stopped by {sig.name} after iteration {step}" in out
+    assert (tmp_path / "checkpoints" / f"step_{step + 1:07d}" / "trainer_state.pt").exists()
+    assert not (tmp_path / "final").exists()  # an interrupted run exports nothing: resume=auto continues it
