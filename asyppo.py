@@ -156,7 +156,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps; constant afterwards
     sequences_per_step: int = 32  # sequences per optimizer step, over all ranks (critics: within one shard)
-    micro_batch_size: int = 16  # sequences per forward/backward on one rank (gradient accumulation)
+    micro_batch_size: int = 16  # at most this many sequences per forward/backward on one rank (gradient accumulation)
+    forward_micro_batch_size: int = 64  # sequences per no-grad forward on one rank (values, π_old): no activations kept
     max_grad_norm: float = 1.0
 
 
@@ -180,7 +181,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: OptimConfig = field(default_factory=OptimConfig)
-    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01))
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, micro_batch_size=32))
 
 
 CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "add2", "jsonl"},
@@ -266,7 +267,8 @@ def validate_config(cfg):
     for key in ("max_steps", "diag_steps", "keep_checkpoints", "rollout.prompts_per_step", "rollout.group_size",
                 "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size", "data.max_prompt_tokens",
                 "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size", "critic.sequences_per_step",
-                "critic.micro_batch_size", "eval.k", "reward.workers"):
+                "critic.micro_batch_size", "actor.forward_micro_batch_size", "critic.forward_micro_batch_size", "eval.k",
+                "reward.workers"):
         need(key, get(key) >= 1, "must be >= 1")
     for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
                 "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay", "algo.ent_coef",
@@ -330,11 +332,12 @@ def derive_sizes(cfg, world):
     for name, o, pool in (("actor", A, N), ("critic", C, N // max(M, 1))):
         need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
         need(o.sequences_per_step % world == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the world size ({world})")
-        need((o.sequences_per_step // world) % o.micro_batch_size == 0,
+        need((o.sequences_per_step // world) % min(o.micro_batch_size, o.sequences_per_step // world) == 0,  # at most one step's share
              f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / world = {o.sequences_per_step // world}")
+    micro_steps = lambda o: math.ceil(o.sequences_per_step // world / o.micro_batch_size)  # noqa: E731
     return Sizes(world=world, n_global=N, n_local=N // world, prompts_local=B // world,
-                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // world // A.micro_batch_size,
-                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // C.micro_batch_size)
+                 actor_steps=N // A.sequences_per_step, actor_micro_steps=micro_steps(A),
+                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=micro_steps(C))
 
 
 def memory_plan(cfg, world):
@@ -355,18 +358,19 @@ def memory_plan(cfg, world):
         root = sum(p.numel() for p in model.parameters()) - layer * config.num_hidden_layers
         return sum(p.numel() for p in model.parameters()), layer, root, config
 
-    def trainer_gb(path, critic, mb):
+    def trainer_gb(path, critic, mb, fwd_mb):
         n, layer, root, c = shapes(path, critic)
         states = 16 * n / world  # float32 weights + gradients + AdamW's two moments, sharded over the ranks
         unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
         per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
         acts = (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing else c.num_hidden_layers * per_layer
         logits = 0 if critic else mb * L * c.vocab_size * 4 * 4  # float32 logits, log-softmax, probs, their gradient
-        return n, states / GB, (unsharded + acts + logits) / GB
+        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * 4 * 2)  # values, π_old passes
+        return n, states / GB, (unsharded + max(acts + logits, no_grad)) / GB
 
     critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
-    na, a_states, a_peak = trainer_gb(cfg.model.actor, False, cfg.actor.micro_batch_size)
-    nc, c_states, c_peak = trainer_gb(critic_path, True, cfg.critic.micro_batch_size) if M else (0, 0.0, 0.0)
+    na, a_states, a_peak = trainer_gb(cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size)
+    nc, c_states, c_peak = trainer_gb(critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size) if M else (0, 0.0, 0.0)
     resident = a_states + M * c_states  # stays on the GPU the whole iteration
     vllm = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB  # hf: an unsharded copy
     rollout_phase = resident + vllm
@@ -615,9 +619,14 @@ def read_rows(path, fields, skip_bad=False, split="train", log=print):
     """Rows of a jsonl file (or of a hub dataset when `path` is not a file and the `datasets` package is installed),
     each with every key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming
     file and line, or, with skip_bad, is skipped and counted."""
-    if not Path(path).is_file() and "/" in str(path) and not str(path).startswith((".", "/")) and importlib.util.find_spec("datasets"):
+    looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
+    if not Path(path).is_file() and looks_like_hub_id and importlib.util.find_spec("datasets"):
         import datasets
-        return list(datasets.load_dataset(path, split=split))
+        rows = list(datasets.load_dataset(path, split=split))
+        missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
+        if not rows or missing:
+            sys.exit(f"data: {path} (split {split}): " + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"))
+        return rows
     if not Path(path).is_file():
         sys.exit(f"data: {path}: no such file")
     rows, bad = [], 0
@@ -776,7 +785,7 @@ def load_critic(path, cfg, device):
 
 
 def make_optimizer(model, o):
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)  # CPU defaults to a slow per-tensor loop
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, o.warmup_steps)))
     return opt, sched
 
@@ -1063,7 +1072,7 @@ class NonFiniteError(RuntimeError):
 def clip_and_step(model, opt, sched, max_norm, on_nonfinite="stop"):
     """Clip, step, zero. A NaN/inf gradient norm (from a NaN loss, say) never reaches the weights: the update is
     skipped (on_nonfinite="skip"; returns None) or the run stops. Every rank sees the same reduced norm."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
     grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
     if not math.isfinite(grad_norm):
         opt.zero_grad(set_to_none=True)
@@ -1301,10 +1310,10 @@ def main(argv=None):
     log(f"method: {cfg.algo.name}; batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, "
         f"{sizes.n_local} per rank on {world} rank(s)\n"
         f"  actor : {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} step(s) per epoch x "
-        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {cfg.actor.micro_batch_size} per step per rank")
+        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {min(cfg.actor.micro_batch_size, cfg.actor.sequences_per_step // world)} per step per rank")
     if M:
         log(f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
-            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {cfg.critic.micro_batch_size} per step per rank")
+            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {min(cfg.critic.micro_batch_size, cfg.critic.sequences_per_step // world)} per step per rank")
 
     metrics_file = None
     if rank == 0:
@@ -1360,9 +1369,9 @@ def main(argv=None):
 
             # ======== 3. values from every critic on every response, and π_old ========================================
             t0 = time.time()
-            values = all_critic_values(critics, batch, cfg.critic.micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
+            values = all_critic_values(critics, batch, cfg.critic.forward_micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
             old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
-                                     actor, input_ids, attn, cfg.actor.micro_batch_size)  # [n, L]
+                                     actor, input_ids, attn, cfg.actor.forward_micro_batch_size)  # [n, L]
             t_values = time.time() - t0
             logprob_diff = float(masked_mean((engine_logp - old_logp).abs(), mask))  # engine vs trainer on the rollout tokens
 
@@ -1375,7 +1384,7 @@ def main(argv=None):
             t0 = time.time()
             if cfg.algo.critic_first and critics:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
                 metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
-                g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.micro_batch_size), dim=1)
+                g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.forward_micro_batch_size), dim=1)
                 adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
             t_critic = time.time() - t0
             check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
