@@ -300,6 +300,8 @@ def apply_method(cfg):
         a.adv_mask_frac = a.ent_filter_frac = 0.0
         a.num_critics = 0 if a.name == "grpo" else 1
         cfg.model.critic_paths = []
+    if a.name == "grpo":
+        a.critic_warmup_steps = 0  # no critic to warm up
     if a.name == "ppo":
         cfg.model.critic = cfg.model.actor
     return cfg
@@ -520,19 +522,25 @@ def _parse_gold(answer, timeout):
 
 @functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free
 def math_reward(response: str, answer: str, timeout_s: float | None = 5.0) -> float:
-    """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises.
-    math-verify 0.9 bounds its work with signal.alarm, which only a main thread may use: there its limits are
-    timeout_s; in other threads (or with timeout_s=None) they are off, and only the tail cut above bounds the work.
-    The trainer scores through RewardPool, which puts a hard limit on every call.
+    """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises, and takes
+    about timeout_s at most from any thread: math-verify 0.9 bounds its work with signal.alarm, which only a main
+    thread may use, so a call from another thread is sent to a worker process with a hard limit (RewardPool).
+    timeout_s=None: no limit (RewardPool's workers, which are limited from outside).
     >>> math_reward("so the answer is \\\\boxed{1/2}", "0.5")  # -> 1.0"""
-    on_main = threading.current_thread() is threading.main_thread()
-    timeout = max(1, round(timeout_s)) if timeout_s and on_main else None
+    if timeout_s and threading.current_thread() is not threading.main_thread():
+        return _thread_pool().score([response], [answer], timeout_s)[0][0]
+    timeout = max(1, round(timeout_s)) if timeout_s else None
     try:
         gold = _parse_gold(answer, timeout)
         pred = parse(response[-MAX_RESPONSE_CHARS:], parsing_timeout=timeout)
         return float(bool(verify(gold, pred, timeout_seconds=timeout)))
     except Exception:  # a malformed response or answer scores 0, it never stops the run
         return 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_pool():  # made on the first math_reward call from a thread other than the main one
+    return RewardPool(workers=1, timeout_s=5.0)
 
 
 def _reward_worker(conn, parent_pid):
@@ -562,8 +570,9 @@ class RewardPool:
         child_conn.close()
         return proc, conn
 
-    def score(self, responses, answers):
-        """-> (scores list, number of calls cut off at timeout_s)."""
+    def score(self, responses, answers, timeout_s=None):
+        """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
+        timeout_s = timeout_s or self.timeout_s
         with self.lock:
             scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}  # busy: w -> (job, t0)
             while todo or busy:
@@ -582,7 +591,7 @@ class RewardPool:
                             continue
                         except EOFError:  # the worker died (killed from outside): score 0, replace it
                             pass
-                    elif time.monotonic() - t0 < self.timeout_s:
+                    elif time.monotonic() - t0 < timeout_s:
                         continue
                     else:
                         timeouts += 1

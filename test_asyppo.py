@@ -208,16 +208,20 @@ def test_math_reward(response, answer, expected):
     assert math_reward(response, answer) == expected
 
 
-def test_math_reward_from_worker_thread():
+def test_math_reward_from_worker_thread_is_right_and_bounded():
     results = {}
 
     def work():
         results["right"] = math_reward("the result is \\boxed{\\frac{3}{4}}", "0.75")
         results["wrong"] = math_reward("\\boxed{5}", "6")
+        t0 = time.time()  # no signal.alarm outside the main thread: math-verify alone would compute this for minutes
+        results["tower"] = math_reward("\\boxed{10^{10^{10^{10}}}}", "1", timeout_s=1.0)
+        results["seconds"] = time.time() - t0
     t = threading.Thread(target=work)
     t.start()
     t.join(timeout=60)
-    assert results == {"right": 1.0, "wrong": 0.0}
+    assert results.pop("seconds") < 5
+    assert results == {"right": 1.0, "wrong": 0.0, "tower": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
