@@ -10,7 +10,7 @@ arXiv 2510.01656 (ICLR 2026). AsyPPO is PPO with a large actor and M small "mini
 Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it).
 
 Runbook
-  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~3 min
+  python asyppo.py                                    # tiny preset: built in code, offline, CPU, about 1 min
   torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
   python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
   torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base + 2 x Qwen3-1.7B-Base
