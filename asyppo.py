@@ -318,6 +318,8 @@ class Sizes:
     actor_micro_steps: int  # micro-batches per actor optimizer step on one rank
     critic_steps: int  # optimizer steps per critic per iteration
     critic_micro_steps: int
+    actor_micro: int  # sequences per actor forward/backward on one rank
+    critic_micro: int
 
 
 def derive_sizes(cfg, world):
@@ -334,12 +336,13 @@ def derive_sizes(cfg, world):
     for name, o, pool in (("actor", A, N), ("critic", C, N // max(M, 1))):
         need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
         need(o.sequences_per_step % world == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the world size ({world})")
-        need((o.sequences_per_step // world) % min(o.micro_batch_size, o.sequences_per_step // world) == 0,  # at most one step's share
+        need((o.sequences_per_step // world) % min(o.micro_batch_size, o.sequences_per_step // world) == 0,
              f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / world = {o.sequences_per_step // world}")
-    micro_steps = lambda o: math.ceil(o.sequences_per_step // world / o.micro_batch_size)  # noqa: E731
+    micro = lambda o: min(o.micro_batch_size, o.sequences_per_step // world)  # noqa: E731  (at most one step's share)
     return Sizes(world=world, n_global=N, n_local=N // world, prompts_local=B // world,
-                 actor_steps=N // A.sequences_per_step, actor_micro_steps=micro_steps(A),
-                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=micro_steps(C))
+                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // world // micro(A), actor_micro=micro(A),
+                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // micro(C),
+                 critic_micro=micro(C))
 
 
 def memory_plan(cfg, world):
@@ -381,7 +384,7 @@ def memory_plan(cfg, world):
     lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, colocated (every rank: actor + {M} critic(s) + a {r.engine} engine)",
              f"batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, {sizes.n_local} per rank; "
              f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), {sizes.actor_micro_steps} micro-batch(es) of "
-             f"{cfg.actor.micro_batch_size}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es)",
+             f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es)",
              f"sequence length {T} = {cfg.data.max_prompt_tokens} prompt + {L} response tokens",
              f"per-rank memory (GB), parameters sharded by FSDP2 over {world}:",
              f"  actor   {na / 1e9:7.3f} B params: weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
@@ -583,23 +586,25 @@ class RewardPool:
                         busy[w] = (job, time.monotonic())
                 ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
                 for w, (job, t0) in list(busy.items()):
-                    proc, conn = self.workers[w]
-                    if conn in ready:
+                    if self.workers[w][1] in ready:
                         try:
-                            scores[job] = conn.recv()
-                            del busy[w]
-                            continue
-                        except EOFError:  # the worker died (killed from outside): score 0, replace it
-                            pass
-                    elif time.monotonic() - t0 < timeout_s:
-                        continue
-                    else:
+                            scores[job] = self.workers[w][1].recv()
+                        except EOFError:  # the worker died (killed from outside): the call scores 0
+                            self._replace(w)
+                    elif time.monotonic() - t0 > timeout_s:  # stuck: the call scores 0 and counts as a timeout
                         timeouts += 1
-                    proc.kill()
-                    proc.join()
-                    self.workers[w] = self._start()
+                        self._replace(w)
+                    else:
+                        continue  # still within its time
                     del busy[w]
             return scores, timeouts
+
+    def _replace(self, w):
+        proc, conn = self.workers[w]
+        proc.kill()
+        proc.join()
+        conn.close()
+        self.workers[w] = self._start()
 
     def close(self):
         for proc, conn in self.workers:
@@ -1319,10 +1324,10 @@ def main(argv=None):
     log(f"method: {cfg.algo.name}; batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, "
         f"{sizes.n_local} per rank on {world} rank(s)\n"
         f"  actor : {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} step(s) per epoch x "
-        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {min(cfg.actor.micro_batch_size, cfg.actor.sequences_per_step // world)} per step per rank")
+        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
     if M:
         log(f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
-            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {min(cfg.critic.micro_batch_size, cfg.critic.sequences_per_step // world)} per step per rank")
+            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
 
     metrics_file = None
     if rank == 0:
