@@ -926,8 +926,14 @@ class VLLMEngine:
         for key, value in overrides.items():  # HF names -> vLLM names
             setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
         params.n = n  # G samples per prompt share the prompt's KV cache
-        params.seed = self._gather_tp([seed])[0]  # per-request seed (the TP group's first rank's): resumable sampling
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in self._gather_tp(prompts)], params, use_tqdm=False)
+        everyone = self._gather_tp(prompts)
+        # one seed per prompt (vLLM gives sample k of a request the seed + k): with one seed for the whole batch, sample k
+        # of every prompt would be drawn from the same random numbers. Seeded from the TP group's first rank's seed.
+        rng = random.Random(self._gather_tp([seed])[0])
+        per_prompt = [params.clone() for _ in everyone]
+        for p in per_prompt:
+            p.seed = rng.getrandbits(31)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in everyone], per_prompt, use_tqdm=False)
         responses = [list(c.token_ids) for o in outs for c in o.outputs]
         logprobs = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
         return self._my_share(responses, len(prompts) * n), self._my_share(logprobs, len(prompts) * n)
