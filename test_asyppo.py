@@ -231,9 +231,11 @@ def test_config_presets_and_overrides():
     cfg = asyppo.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "qwen3-4b-base-utd4", "actor.lr=2e-6"])
     assert cfg.algo.ppo_epochs == 4 and cfg.rollout.group_size == 32 and cfg.model.critic == "Qwen/Qwen3-1.7B-Base"
     assert cfg.actor.lr == 2e-6 and cfg.critic.lr == 1e-5 and cfg.critic.sequences_per_step == 1024
-    sizes = asyppo.derive_sizes(cfg, world=16)  # the paper's arithmetic on 16 ranks
-    assert (sizes.n_global, sizes.n_local, sizes.actor_steps, sizes.actor_micro_steps) == (2048, 128, 1, 128)
-    assert (sizes.critic_steps, sizes.critic_micro_steps) == (1, 64)
+    layout, sizes = asyppo.layout_and_sizes(cfg, world=16)  # the paper's layout and arithmetic: 8 actor + 8 critic ranks
+    assert layout.actor == list(range(8)) and layout.critics == [[8, 9, 10, 11], [12, 13, 14, 15]]
+    # the appendix's "1 x 256 on the actor's 8 GPUs": one actor step per epoch of 256 micro-batches of 1 on each rank
+    assert (sizes.n_global, sizes.n_local, sizes.actor_steps, sizes.actor_micro_steps) == (2048, 256, 1, 256)
+    assert (sizes.critic_dp, sizes.critic_steps, sizes.critic_micro_steps) == (4, 1, 256)  # 1024 per step over 4 ranks
     assert asyppo.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny"]) == asyppo.Config()
 
 
@@ -273,13 +275,33 @@ def test_config_error_is_one_line_before_any_model_is_loaded(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,world,message", [
-    (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step (3) must be divisible by the world size (2)"),
+    (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step (3) must be divisible by the 2 actor rank(s)"),
     (["actor.sequences_per_step=48"], 1, "actor.sequences_per_step (48) must divide"),
     (["actor.micro_batch_size=12"], 2, "actor.micro_batch_size (12) must divide"),
+    (["placement=split", "actor_ranks=2"], 2, "placement=split with actor_ranks=2 needs more than 2 ranks, got a world of 2"),
+    (["placement=split", "algo.num_critics=2"], 4, "3 must be a multiple or a divisor of algo.num_critics=2"),
+    (["placement=split", "algo.name=grpo"], 2, "placement=split needs critics to place (algo.name=grpo has none)"),
+    (["placement=split", "critic.sequences_per_step=32"], 7, "critic.sequences_per_step (32) must be divisible by the 3 rank(s)"),
+    (["placement=split", "rollout.engine=vllm", "rollout.tensor_parallel_size=2", "actor_ranks=2"], 3,
+     "rollout.tensor_parallel_size (2) must divide the world size (3) with rollout.engine=vllm"),
 ])
-def test_batch_arithmetic_errors(overrides, world, message):
+def test_batch_arithmetic_and_layout_errors(overrides, world, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        asyppo.derive_sizes(asyppo.parse_config(overrides), world)
+        asyppo.layout_and_sizes(asyppo.parse_config(overrides), world)
+
+
+@pytest.mark.parametrize("placement,actor_ranks,world,M,actor,critics", [
+    ("colocated", 1, 2, 2, [0, 1], [[0, 1], [0, 1]]),  # every rank holds everything
+    ("split", 1, 2, 2, [0], [[1], [1]]),  # both critics on the one critic rank
+    ("split", 2, 4, 2, [0, 1], [[2], [3]]),  # a rank of its own for each critic
+    ("split", 8, 16, 2, list(range(8)), [[8, 9, 10, 11], [12, 13, 14, 15]]),  # the paper's 4B/8B layout
+    ("split", 16, 32, 2, list(range(16)), [list(range(16, 24)), list(range(24, 32))]),  # the paper's 14B layout
+    ("split", 2, 4, 4, [0, 1], [[2], [2], [3], [3]]),  # M > K: two critics per critic rank
+])
+def test_layouts(placement, actor_ranks, world, M, actor, critics):
+    cfg = asyppo.parse_config([f"placement={placement}", f"actor_ranks={actor_ranks}", f"algo.num_critics={M}"])
+    layout = asyppo.make_layout(cfg, world)
+    assert layout.actor == actor and layout.critics == critics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,6 +315,14 @@ def run(cmd, timeout=600):
 
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def holdings(log):
+    """The "[rank r] holds actor T params, H here; critic0 ..." lines -> {rank: {model: (total params, params here)}}."""
+    out = {}
+    for rank, line in re.findall(r"\[rank (\d+)\] holds (.*)", log):
+        out[int(rank)] = {name: (int(t.replace(",", "")), int(h.replace(",", ""))) for name, t, h in re.findall(r"(\w+) ([\d,]+) params, ([\d,]+) here", line)}
+    return out
 
 
 REQUIRED = ["step", "reward/mean", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
@@ -360,18 +390,87 @@ def test_paper_preset_without_cuda_names_the_tiny_command():
 def test_script_torchrun_two_processes(tmp_path, engine):
     log = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "asyppo.py",
                "max_steps=6", f"output_dir={tmp_path}", f"rollout.engine={engine}"])
-    found = re.findall(r"\[rank (\d)\] actor ([\d,]+) params, ([\d,]+) on this rank", log)
-    starts = {r: (int(total.replace(",", "")), int(local.replace(",", ""))) for r, total, local in found}
-    assert set(starts) == {"0", "1"}
-    total = starts["0"][0]
-    assert all(local < 0.6 * total for _, local in starts.values())  # FSDP2 really shards the parameters
-    assert sum(local for _, local in starts.values()) == total
+    held = holdings(log)
+    assert set(held) == {0, 1} and all(set(h) == {"actor", "critic0", "critic1"} for h in held.values())  # colocated
+    for name in ("actor", "critic0"):
+        total = held[0][name][0]
+        assert all(h[name][1] < 0.6 * total for h in held.values())  # FSDP2 really shards the parameters
+        assert sum(h[name][1] for h in held.values()) == total
     done = re.findall(r"\[rank (\d)\] done: 6 iterations, last masks digest (\w+), last reward/mean ([\d.]+)", log)
     assert len(done) == 2  # both ranks finished
     assert done[0][1:] == done[1][1:]  # and agree on the masks and the metrics
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 6 and all(all(k in m for k in REQUIRED) for m in metrics)
     assert all(m["rollout/sync_check_diff"] < 1e-3 for m in metrics)  # every rank's engine follows the trained actor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placement: split (actor ranks + critic ranks, the paper's) does the same maths as colocated
+# ---------------------------------------------------------------------------------------------------------------
+def torchrun(nproc, *args):
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "asyppo.py", *args])
+
+
+PHASES = ["time/rollout_s", "time/values_s", "time/actor_update_s", "time/critic_update_s", "time/sync_s",
+          "time/iteration_s", "time/update_overlap_s"]
+
+
+@pytest.fixture(scope="module")
+def colocated_runs(tmp_path_factory):
+    """Colocated runs under torchrun (one thread per process, like the split runs), made on first use: {ranks: dir}."""
+    runs = {}
+
+    def get(nproc, engine="hf"):
+        if (nproc, engine) not in runs:
+            out = tmp_path_factory.mktemp(f"colocated{nproc}{engine}")
+            torchrun(nproc, "max_steps=5", f"output_dir={out}", f"rollout.engine={engine}")
+            runs[nproc, engine] = out
+        return runs[nproc, engine]
+    return get
+
+
+def assert_same_training(a, b, exact):
+    """The same run up to floating-point reduction order: the same rewards (the same samples) at every iteration,
+    every other metric equal (exact) or within 1e-3 relative, and the same final weights."""
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["reward/mean"] for m in ma] == [m["reward/mean"] for m in mb]
+    for x, y in zip(comparable(ma), comparable(mb)):
+        assert x.keys() == y.keys() and x == (y if exact else pytest.approx(y, rel=1e-3, abs=1e-6))
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        for k in wa[name]:
+            assert torch.equal(wa[name][k], wb[name][k]) if exact else torch.allclose(wa[name][k], wb[name][k], atol=1e-5), (name, k)
+
+
+@pytest.mark.parametrize("actor_ranks,critic_ranks", [
+    (1, 1),  # both critics on the one critic rank: no reduction changes, so bit for bit
+    (2, 2),  # each critic on its own rank (colocated: each sharded over 2)
+    (1, 4),  # each critic FSDP2-sharded over its own 2 ranks, as in the paper's 8 + 8 (4 ranks per critic)
+])
+def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, actor_ranks, critic_ranks):
+    """Moving the critics to ranks of their own changes where things run, not what is computed: with the same actor
+    ranks (which decide the samples), split and colocated train the same, up to floating-point reduction order."""
+    log = torchrun(actor_ranks + critic_ranks, "max_steps=5", f"output_dir={tmp_path}", "placement=split", f"actor_ranks={actor_ranks}")
+    held = holdings(log)
+    assert all(set(held[r]) == {"actor"} for r in range(actor_ranks))
+    critic_holders = {r: set(h) for r, h in held.items() if r >= actor_ranks}
+    assert set(critic_holders) == set(range(actor_ranks, actor_ranks + critic_ranks)) and all("actor" not in h for h in critic_holders.values())
+    if critic_ranks == 4:  # critic 0 on ranks 1-2, critic 1 on ranks 3-4, each rank holding half of its critic
+        assert [sorted(critic_holders[r]) for r in (1, 2, 3, 4)] == [["critic0"], ["critic0"], ["critic1"], ["critic1"]]
+        assert held[1]["critic0"][1] + held[2]["critic0"][1] == held[1]["critic0"][0]
+    done = re.findall(r"\[rank (\d)\] done: 5 iterations, last masks digest (\w+)", log)
+    assert len(done) == actor_ranks + critic_ranks and len({d for _, d in done}) == 1  # every rank has the same masks
+    assert_same_training(colocated_runs(actor_ranks), tmp_path, exact=critic_ranks == 1)
+
+
+def test_split_updates_actor_and_critics_at_the_same_time(tmp_path, colocated_runs):
+    """In split the critic ranks update the critics while the actor ranks update the actor: the two spans overlap (the
+    overlap is measured from the wall-clock start and end of each update, not a speed target). Colocated: never."""
+    torchrun(2, "max_steps=8", f"output_dir={tmp_path}", "placement=split")
+    split, colocated = read_metrics(tmp_path), read_metrics(colocated_runs(1))
+    assert all(all(k in m for k in PHASES) for m in split + colocated)  # the same timings in both placements
+    assert all(m["time/update_overlap_s"] == 0.0 for m in colocated)
+    assert sum(m["time/update_overlap_s"] > 0 for m in split) >= 6  # (of 8; a rank that gets no CPU for a while may miss one)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -421,8 +520,10 @@ def test_vllm_missing_stops_at_start_with_install_hint(tmp_path):
 # Baselines and ablations by one key; the second tiny task; diagnostics
 # ---------------------------------------------------------------------------------------------------------------
 def actor_and_critic_params(log):
-    actor, m, critic = re.search(r"actor ([\d,]+) params, .*; (\d+) critic\(s\) of ([\d,]+) params each", log).groups()
-    return int(actor.replace(",", "")), int(m), int(critic.replace(",", ""))
+    """-> (actor params, number of critics, params of one critic), from a single-process run's log."""
+    held = holdings(log)[0]
+    critics = [total for name, (total, _) in held.items() if name.startswith("critic")]
+    return held["actor"][0], len(critics), critics[0] if critics else 0
 
 
 @pytest.mark.parametrize("method", ["asyppo", "ppo", "ppo_small", "grpo"])
@@ -525,10 +626,10 @@ def final_weights(out):
     return {name: load_file(out / "final" / name / "model.safetensors") for name in ("actor", "critic0", "critic1")}
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc):
+@pytest.mark.parametrize("nproc,placement", [(1, "colocated"), (2, "colocated"), (2, "split")])
+def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc, placement):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    common = ["asyppo.py", "save_steps=3", "algo.critic_warmup_steps=1", "actor.max_grad_norm=0.5"]
+    common = ["asyppo.py", "save_steps=3", "algo.critic_warmup_steps=1", "actor.max_grad_norm=0.5", f"placement={placement}"]
     run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
     run(launch + common + ["max_steps=3", f"output_dir={tmp_path / 'split'}"])
     log = run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'split'}", "resume=auto"])
@@ -557,10 +658,21 @@ def test_dry_run_plan_without_weights(tmp_path):
                         f"model.actor={tmp_path / '4b'}", f"model.critic={tmp_path / '1.7b'}"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "2048 sequences/iteration, 128 per rank" in p.stdout
-    assert "actor     4.022 B params" in p.stdout and "critics 2 x 1.721 B params" in p.stdout
-    assert re.search(r"needs [\d.]+ of 80 GB: (fits|does NOT fit)", p.stdout)
+    colocated, split = p.stdout.split("\ncolocated")[1].split("\nsplit")
+    assert colocated.startswith(": ranks 0-15: actor + engine + 2 critic(s) each")
+    assert "2048 sequences/iteration, 128 per actor rank" in colocated and "actor     4.022 B params over 16 rank(s)" in colocated
+    assert "critics 2 x 1.721 B params, each over 16 rank(s)" in colocated and re.search(r"every rank: .* needs [\d.]+ of 80 GB", colocated)
+    # the paper preset's own placement: actor on 8 ranks, each critic on 4 of the other 8
+    assert split.startswith(" (configured): ranks 0-7: actor + engine; ranks 8-11: critic 0; ranks 12-15: critic 1")
+    assert "2048 sequences/iteration, 256 per actor rank" in split and "actor     4.022 B params over  8 rank(s)" in split
+    assert "critics 2 x 1.721 B params, each over  4 rank(s)" in split
+    assert re.search(r"actor ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
+    assert re.search(r"critic ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
     assert not list(tmp_path.glob("**/*.safetensors"))
+    p = subprocess.run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--dry-run", "--world-size", "8",
+                        f"model.actor={tmp_path / '4b'}", f"model.critic={tmp_path / '1.7b'}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert "split (configured): does not fit: placement=split with actor_ranks=8 needs more than 8 ranks, got a world of 8" in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
