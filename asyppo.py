@@ -7,17 +7,20 @@ arXiv 2510.01656 (ICLR 2026). AsyPPO is PPO with a large actor and M small "mini
   Eq. 3  GAE runs on V̄ (the paper uses γ = λ = 1, so Â_t = R − V̄(s_t)),
   Eq. 4  σ_t = std_m V_m(s_t): the 20% of tokens where the critics agree most get no policy gradient,
   Eq. 5  and the 20% where they disagree most get no entropy bonus, in the clipped PPO objective.
-Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it).
+Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it). Placement (see Layout): every rank
+holds everything ("colocated"), or the actor and the critics sit on ranks of their own and train at the same time ("split").
 
 Runbook
   python asyppo.py                                    # tiny preset: built in code, offline, CPU, about 1 min
   torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
   python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
-  torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base + 2 x Qwen3-1.7B-Base
+  torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor, rank 1 critics
+  torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base on GPUs 0-7 (+ vLLM),
+                                                                 # 2 x Qwen3-1.7B-Base critics on GPUs 8-11 and 12-15
   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \
       asyppo.py --config configs.yaml                 # the same on 2 nodes x 8 GPUs
 Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration) and OUTPUT_DIR/final/{actor,critic0,..}
-(save_pretrained directories that load with transformers).
+(directories that load with transformers' from_pretrained).
 """
 
 import argparse
@@ -1235,12 +1238,17 @@ def clip_and_step(model, opt, sched, max_norm, on_nonfinite="stop"):
 # =============================================================================================================
 # Distributed helpers
 # =============================================================================================================
-def setup_distributed(cfg):
-    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 needs a process group anyway)."""
+def wants_cuda(cfg):
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         sys.exit("This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
                  "  python asyppo.py --config configs.yaml --preset tiny")
+    return use_cuda
+
+
+def setup_distributed(cfg):
+    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 needs a process group anyway)."""
+    use_cuda = wants_cuda(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -1476,6 +1484,7 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    wants_cuda(cfg)  # a GPU preset on a machine without one: say so first
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
     is_actor = rank in layout.actor  # holds the actor and a rollout engine; the rollout, reward and actor update run here
