@@ -396,6 +396,7 @@ def derive_sizes(cfg, layout):
 
 
 def layout_and_sizes(cfg, world):
+    """make_layout + derive_sizes, stopping with one line where the world size or the batch arithmetic does not fit."""
     try:
         layout = make_layout(cfg, world)
         return layout, derive_sizes(cfg, layout)
@@ -1309,10 +1310,12 @@ def merge_over_ranks(metrics, spans):
     for key in dict.fromkeys(k for m, _ in seen for k in m):
         values = [m[key] for m, _ in seen if key in m]
         out[key] = max(values) if key.startswith(("time/", "memory/")) else float(np.mean(values))
-    ends = {role: [span[role] for _, span in seen if role in span] for role in ("actor", "critic")}
-    if ends["actor"] and ends["critic"]:  # colocated: one rank runs both, one after the other -> 0
-        start = max(min(s for s, _ in ends["actor"]), min(s for s, _ in ends["critic"]))
-        out["time/update_overlap_s"] = max(0.0, min(max(e for _, e in ends["actor"]), max(e for _, e in ends["critic"])) - start)
+    by_role = {role: [span[role] for _, span in seen if role in span] for role in ("actor", "critic")}
+    out["time/update_overlap_s"] = 0.0  # colocated: one rank runs both, one after the other
+    if by_role["actor"] and by_role["critic"]:
+        start = max(min(s for s, _ in by_role["actor"]), min(s for s, _ in by_role["critic"]))
+        end = min(max(e for _, e in by_role["actor"]), max(e for _, e in by_role["critic"]))
+        out["time/update_overlap_s"] = max(0.0, end - start)
     return out
 
 
@@ -1326,6 +1329,13 @@ def check_ranks_agree(what, value):
     dist.all_gather_object(seen, value)
     if any(s != seen[0] for s in seen):
         raise RuntimeError(f"ranks disagree on {what}: {seen}")
+
+
+def say(line):
+    """Print one line from any rank as one write, so that lines from different ranks sharing a terminal or a pipe do
+    not interleave (print writes the text and the newline separately)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def peak_memory_gb(device):
@@ -1541,8 +1551,8 @@ def main(argv=None):
             engine.load_weights(full_tensors(actor))
         log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
-    print(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "  # DTensor numel: the full size
-                                              f"{sum(p.to_local().numel() for p in model.parameters()):,} here" for name, (model, _, _) in held.items()), flush=True)
+    say(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "  # DTensor numel: the full size
+                                            f"{sum(p.to_local().numel() for p in model.parameters()):,} here" for name, (model, _, _) in held.items()))
     log(f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
         f"batch: {B} prompts x {G} responses = {N} sequences per iteration, {sizes.n_local} per actor rank\n"
         f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} "
@@ -1691,8 +1701,8 @@ def main(argv=None):
 
     if not interrupted:
         export_all(actor, critics, layout, tokenizer, out_dir / "final")
-    print(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
-          f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
+    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB")
     if metrics_file:
         metrics_file.close()
     if is_actor:

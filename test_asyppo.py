@@ -320,7 +320,7 @@ def read_metrics(out):
 def holdings(log):
     """The "[rank r] holds actor T params, H here; critic0 ..." lines -> {rank: {model: (total params, params here)}}."""
     out = {}
-    for rank, line in re.findall(r"\[rank (\d+)\] holds (.*)", log):
+    for rank, line in re.findall(r"\[rank (\d+)\] holds ([^\[\n]*)", log):
         out[int(rank)] = {name: (int(t.replace(",", "")), int(h.replace(",", ""))) for name, t, h in re.findall(r"(\w+) ([\d,]+) params, ([\d,]+) here", line)}
     return out
 
