@@ -7,6 +7,8 @@ Every run is the real script for the same number of iterations, one after anothe
   torchrun --nproc_per_node 1 asyppo.py               colocated, 1 process (1 thread, as every torchrun worker)
   torchrun --nproc_per_node 2 asyppo.py               colocated, 2 processes: actor and both critics on each
   torchrun --nproc_per_node 2 asyppo.py placement=split   rank 0: rollout + actor; rank 1: both critics
+  python asyppo.py algo.name=grpo                     GRPO, no critics: the cost the paper compares AsyPPO with
+  torchrun --nproc_per_node 1 asyppo.py algo.name=grpo    the same, 1 thread: the actor rank of split 1 + 1 without critics
 For each: the median over iterations of every logged phase (time/*_s), of actor + critic update (their sum) and of
 time/update_overlap_s (how long the two updates ran at the same time), the first and last 50-iteration rewards, and
 the peak resident memory of one process.
@@ -21,18 +23,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-SETUPS = {"python, colocated": [sys.executable],
-          "torchrun 1, colocated": TORCHRUN + ["--nproc_per_node", "1"],
-          "torchrun 2, colocated": TORCHRUN + ["--nproc_per_node", "2"],
-          "torchrun 2, split 1 + 1": TORCHRUN + ["--nproc_per_node", "2"]}
+SETUPS = {"python, colocated": ([sys.executable], []),  # launcher, extra overrides
+          "torchrun 1, colocated": (TORCHRUN + ["--nproc_per_node", "1"], []),
+          "torchrun 2, colocated": (TORCHRUN + ["--nproc_per_node", "2"], []),
+          "torchrun 2, split 1 + 1": (TORCHRUN + ["--nproc_per_node", "2"], ["placement=split"]),
+          "python, GRPO (no critics)": ([sys.executable], ["algo.name=grpo"]),
+          "torchrun 1, GRPO (no critics)": (TORCHRUN + ["--nproc_per_node", "1"], ["algo.name=grpo"])}
 PHASES = ["rollout", "values", "actor_update", "critic_update", "sync", "update_overlap", "iteration"]
 
 
 def run_one(setup, preset, steps, out):
     metrics = out / "metrics.jsonl"
     if not metrics.exists() or len(metrics.read_text().splitlines()) < steps:  # finished runs are reused
-        cmd = SETUPS[setup] + ["asyppo.py", "--config", "configs.yaml", "--preset", preset, f"max_steps={steps}", f"output_dir={out}"]
-        cmd += ["placement=split"] if "split" in setup else []
+        launcher, overrides = SETUPS[setup]
+        cmd = launcher + ["asyppo.py", "--config", "configs.yaml", "--preset", preset, f"max_steps={steps}", f"output_dir={out}", *overrides]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -40,7 +44,7 @@ def run_one(setup, preset, steps, out):
 
 def row(setup, m):
     med = {p: statistics.median(x.get(f"time/{p}_s", 0.0) for x in m) * 1000 for p in PHASES}  # milliseconds
-    both = statistics.median((x["time/actor_update_s"] + x["time/critic_update_s"]) * 1000 for x in m)
+    both = statistics.median((x["time/actor_update_s"] + x.get("time/critic_update_s", 0.0)) * 1000 for x in m)  # GRPO: no critics
     reward = [x["reward/mean"] for x in m]
     return (f"| {setup} | " + " | ".join(f"{med[p]:.1f}" for p in PHASES[:5]) + f" | {both:.1f} | {med['update_overlap']:.1f} | "
             f"**{med['iteration']:.1f}** | {statistics.mean(reward[:50]):.2f} → {statistics.mean(reward[-50:]):.2f} | "
@@ -62,7 +66,8 @@ def main():
                   "| setup | rollout | values + π_old | actor update | critic update | weight sync | updates (sum) | overlap | "
                   "iteration | reward (first → last 50) | peak RSS / process (GB) |", "|" + "---|" * 11]
         for setup in SETUPS:
-            lines.append(row(setup, run_one(setup, preset, args.steps, Path(args.out) / preset / setup.replace(" ", "").replace(",", "_"))))
+            name = "".join(ch for ch in setup if ch.isalnum() or ch in "+_")
+            lines.append(row(setup, run_one(setup, preset, args.steps, Path(args.out) / preset / name)))
         lines.append("")
     (ROOT / "bench" / "placement.md").write_text("\n".join(lines))
     print("\n".join(lines))
