@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import math
 import os
 import random
@@ -632,12 +633,14 @@ def _thread_pool():  # made on the first math_reward call from a thread other th
     return RewardPool(workers=1, timeout_s=5.0)
 
 
-def _reward_worker(conn, parent_pid):
+def _reward_worker(conn):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
-    while os.getppid() == parent_pid:  # the trainer is gone (killed, preempted): go too
-        if conn.poll(1.0):
+    while True:
+        try:
             response, answer = conn.recv()
-            conn.send(math_reward(response, answer, None))  # no alarms: the parent's hard limit bounds the call
+        except EOFError:  # the trainer is gone (killed, preempted): its end of the pipe closed, go too
+            return
+        conn.send(math_reward(response, answer, None))  # no alarms: the parent's hard limit bounds the call
 
 
 class RewardPool:
@@ -647,22 +650,26 @@ class RewardPool:
     most about ceil(n / workers) x timeout_s. One batch at a time; callable from any thread."""
 
     def __init__(self, workers, timeout_s):
-        self.timeout_s, self.lock = timeout_s, threading.Lock()
-        # fork: workers start at once with math_verify already imported; they run no torch or CUDA code
-        self.ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        self.workers = [self._start() for _ in range(workers)]
+        self.timeout_s, self.lock, self.n, self.workers = timeout_s, threading.Lock(), workers, []
+        # Workers come from a fork server: a clean process started now, before CUDA, NCCL or vLLM threads exist, which
+        # imports this module once and forks every worker, replacements included. Forking the trainer itself mid-run
+        # (a replacement after a timeout) would copy a process with those threads: its locks can hang the child.
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([_reward_worker.__module__])  # "__main__" under `python asyppo.py`
+        multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at the first score
 
     def _start(self):
         conn, child_conn = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_reward_worker, args=(child_conn, os.getpid()), daemon=True)
+        proc = self.ctx.Process(target=_reward_worker, args=(child_conn,), daemon=True)
         proc.start()
-        child_conn.close()
+        child_conn.close()  # the worker holds the only other end: it sees EOF when this process dies
         return proc, conn
 
     def score(self, responses, answers, timeout_s=None):
         """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
         timeout_s = timeout_s or self.timeout_s
         with self.lock:
+            self.workers = self.workers or [self._start() for _ in range(self.n)]
             scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}  # busy: w -> (job, t0)
             while todo or busy:
                 for w in range(len(self.workers)):

@@ -815,6 +815,27 @@ def test_reward_pool_bounds_pathological_inputs(in_thread):
     assert out["seconds"] < len(responses) / 2 * 1.0 + 5  # ceil(n / workers) x timeout_s, plus slack
 
 
+def parent_pid(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_reward_workers_come_from_a_fork_server_not_the_trainer():
+    """A replacement worker is made mid-run, when the trainer has CUDA, NCCL and vLLM threads: forking the trainer then
+    can hang the child on a lock some thread held. Every worker, first or replacement, is forked by a clean server."""
+    pool = asyppo.RewardPool(workers=1, timeout_s=1.0)
+    try:
+        assert pool.score(["\\boxed{4}"], ["4"]) == ([1.0], 0)
+        first = pool.workers[0][0].pid
+        server = parent_pid(first)
+        assert server != os.getpid()
+        assert pool.score(["\\boxed{10^{10^{10^{10}}}}"], ["1"]) == ([0.0], 1)  # cut off at 1 s: the worker is replaced
+        second = pool.workers[0][0].pid
+        assert second != first and parent_pid(second) == server
+        assert pool.score(["\\boxed{5}"], ["4"]) == ([0.0], 0)  # the replacement scores
+    finally:
+        pool.close()
+
+
 def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path):
     rc, err = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.nan_loss_step=3", *FAST])
     assert rc == 1 and f"iteration 3: non-finite gradient norm (nan) in Qwen3ForCausalLM" in err
