@@ -185,7 +185,10 @@ class Config:
     #                               paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the critics
     actor_ranks: int = 1  # split: the first this many ranks hold the actor; critic m is sharded over its own K/M of the
     #                       other K ranks (K < M: each critic rank holds M/K critics)
-    dist_timeout_min: int = 60  # a collective that waits longer stops the run (split: critic ranks wait out the rollout)
+    dist_timeout_min: int = 180  # a collective that waits longer stops the run. Every group gets it. The longest wait:
+    #   split, critic ranks wait out the actor update, sync, evaluation and the next rollout. 14B preset, UTD 4, 16 actor
+    #   GPUs: ~55 min of update (4 x 2048 x 9k tokens x 14B x 8 FLOPs at 40% of 400 TFLOP/s), eval up to 6.2k responses
+    #   x 8k tokens, rollout 2048 x 8k: ~75 min at worst; 180 leaves room for slower GPUs
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -1332,7 +1335,7 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
-def make_groups(layout, device):
+def make_groups(layout, device, timeout):
     """Process groups and FSDP2 meshes for the sets of ranks that hold one model: the actor's and each critic's.
     torch.distributed.new_group must be called by every rank, members or not, in the same
     order, so every rank makes every group here, before anything else does; the whole world reuses the default group.
@@ -1341,16 +1344,16 @@ def make_groups(layout, device):
     rank, groups = dist.get_rank(), {}
     for ranks in [layout.actor] + layout.critics:
         if tuple(ranks) not in groups:
-            groups[tuple(ranks)] = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks)
+            groups[tuple(ranks)] = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks, timeout=timeout)
     mesh = lambda ranks: DeviceMesh.from_group(groups[tuple(ranks)], device.type) if rank in ranks else None  # noqa: E731
     return mesh(layout.actor), {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}
 
 
-def make_tp_group(layout, tp):
+def make_tp_group(layout, tp, timeout):
     """vLLM tensor parallelism: consecutive actor ranks share one engine. Made on every rank (see make_groups)."""
     mine = None
     for start in range(0, len(layout.actor), tp) if tp > 1 else []:
-        group = dist.new_group(layout.actor[start:start + tp])
+        group = dist.new_group(layout.actor[start:start + tp], timeout=timeout)
         mine = group if dist.get_rank() in layout.actor[start:start + tp] else mine
     return mine
 
@@ -1596,8 +1599,9 @@ def main(argv=None):
         check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
     dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None  # bad data stops the
     eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}  # run here, before any model is loaded
-    actor_mesh, critic_meshes = make_groups(layout, device)  # AsyPPO (split): the actor and each critic on ranks of their own
-    tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size)
+    timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # for every group, not only the default one
+    actor_mesh, critic_meshes = make_groups(layout, device, timeout)  # AsyPPO (split): the actor and each critic on their ranks
+    tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size, timeout)
     actor = load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh)) if is_actor else None
     critics = {m: load_or_exit("model.critic", critic_paths[m], lambda: load_critic(critic_paths[m], cfg, device, mesh, cfg.seed + m))
                for m, mesh in critic_meshes.items()}  # AsyPPO: the small critics held on this rank, {m: critic m}

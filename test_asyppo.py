@@ -815,6 +815,22 @@ def test_reward_pool_bounds_pathological_inputs(in_thread):
     assert out["seconds"] < len(responses) / 2 * 1.0 + 5  # ceil(n / workers) x timeout_s, plus slack
 
 
+def test_every_process_group_gets_dist_timeout_min():
+    """Groups made with new_group get torch's default timeout unless told: the actor's and each critic's group must wait
+    as long as the default group (dist_timeout_min), or a long rollout or evaluation stops the run."""
+    code = """
+import datetime, torch, torch.distributed as dist, asyppo
+cfg = asyppo.parse_config(["dist_timeout_min=7", "placement=split"])
+asyppo.setup_distributed(cfg)
+timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)
+actor, critics = asyppo.make_groups(asyppo.Layout(world=2, actor=[0], critics=[[0], [0]]), torch.device("cpu"), timeout)
+for group in [dist.group.WORLD, actor.get_group()] + [m.get_group() for m in critics.values()]:
+    print("TIMEOUT", group._get_backend(torch.device("cpu")).options._timeout)
+"""
+    out = run([sys.executable, "-c", code])
+    assert re.findall(r"TIMEOUT (\S+)", out) == ["0:07:00"] * 4
+
+
 def parent_pid(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
