@@ -657,13 +657,16 @@ class RewardPool:
         # Workers come from a fork server: a clean process started now, before CUDA, NCCL or vLLM threads exist, which
         # imports this module once and forks every worker, replacements included. Forking the trainer itself mid-run
         # (a replacement after a timeout) would copy a process with those threads: its locks can hang the child.
+        # The server imports this file by its module name: under `python asyppo.py` it is __main__, which Python 3.11's
+        # fork server does not preload (the worker would not start), so the worker function is taken from the module.
+        self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload([_reward_worker.__module__])  # "__main__" under `python asyppo.py`
+        self.ctx.set_forkserver_preload([self.module.__name__])
         multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at the first score
 
     def _start(self):
         conn, child_conn = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_reward_worker, args=(child_conn,), daemon=True)
+        proc = self.ctx.Process(target=self.module._reward_worker, args=(child_conn,), daemon=True)
         proc.start()
         child_conn.close()  # the worker holds the only other end: it sees EOF when this process dies
         return proc, conn
@@ -1411,10 +1414,22 @@ def say(line):
     sys.stdout.flush()
 
 
-def peak_memory_gb(device):
+def peak_memory_gb(device, reset=False):
+    """Peak memory since the last reset: allocated GPU memory, or on CPU the process's peak resident set (Linux's
+    VmHWM, which writing 5 to /proc/self/clear_refs resets; elsewhere the peak of the whole run)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        gb = torch.cuda.max_memory_allocated(device) / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return gb
+    try:
+        status = Path("/proc/self/status").read_text()
+        gb = int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        return gb
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB; macOS bytes
 
 
 # =============================================================================================================
@@ -1643,7 +1658,10 @@ def main(argv=None):
     rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # this actor rank's sequences of the batch
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
     masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
-    skipped_updates, stop_signal, sync_diff = 0, [], 0.0
+    skipped_updates, stop_signal, sync_diff, run_peak = 0, [], 0.0, peak_memory_gb(device, reset=True)
+
+    def phase_memory(metrics, phase):  # memory/PHASE_gb: the peak of the phase that just ended (then reset for the next)
+        metrics[f"memory/{phase}_gb"] = peak_memory_gb(device, reset=True)
 
     def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
         stop_signal.append(signal.Signals(signum).name)
@@ -1680,6 +1698,7 @@ def main(argv=None):
             batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device)
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             L = mask.shape[1]
+            phase_memory(metrics, "rollout")
 
             # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ===================
             t0 = time.time()
@@ -1692,6 +1711,7 @@ def main(argv=None):
             metrics["time/values_s"] = time.time() - t0
             for m in range(M):
                 broadcast_chunks(values[m], layout.critics[m])  # AsyPPO: every critic's values of every sequence, to every rank
+            phase_memory(metrics, "values")
 
             # ======== 5. advantages and uncertainty masks, on the whole batch: every rank computes the same ===========
             # The 20% are ranked over all valid tokens of the batch. The critics' ranks need only the returns (targets).
@@ -1727,6 +1747,7 @@ def main(argv=None):
                 metrics["time/actor_update_s"] = spans["actor"][1] - spans["actor"][0] if "actor" in spans else 0.0
             if critics:
                 metrics["time/critic_update_s"] = spans["critic"][1] - spans["critic"][0]
+            phase_memory(metrics, "update")
 
             # ======== 8. weight sync (actor ranks): stream the new actor weights into the engine, then check it =======
             eval_metrics = {}
@@ -1743,7 +1764,10 @@ def main(argv=None):
                     eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group())
 
             # ======== 9. log: every rank's metrics, merged ==========================================================
-            metrics = merge_over_ranks({**metrics, **eval_metrics, "memory/peak_gb": peak_memory_gb(device)}, spans)
+            phase_memory(metrics, "sync")
+            metrics["memory/peak_gb"] = max(v for k, v in metrics.items() if k.startswith("memory/"))  # this iteration's
+            run_peak = max(run_peak, metrics["memory/peak_gb"])
+            metrics = merge_over_ranks({**metrics, **eval_metrics}, spans)
             skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
             metrics.update({"step": step, "reward/mean": float(scores.mean()), "response/length_mean": float(mask.sum(1).mean()),
                             "train/skipped_updates": skipped_updates, "time/iteration_s": time.time() - t_start})
@@ -1775,7 +1799,7 @@ def main(argv=None):
     if not interrupted:
         export_all(actor, critics, layout, tokenizer, out_dir / "final")
     say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
-        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB")
+        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB")
     if metrics_file:
         metrics_file.close()
     if is_actor:

@@ -831,6 +831,17 @@ for group in [dist.group.WORLD, actor.get_group()] + [m.get_group() for m in cri
     assert re.findall(r"TIMEOUT (\S+)", out) == ["0:07:00"] * 4
 
 
+def test_peak_memory_is_per_phase_not_per_run():
+    """memory/*_gb is the peak of one phase of one iteration: a large allocation freed earlier must not show later."""
+    cpu = torch.device("cpu")
+    asyppo.peak_memory_gb(cpu, reset=True)
+    base = asyppo.peak_memory_gb(cpu, reset=True)
+    big = torch.ones(2**27)  # 512 MiB, touched
+    del big
+    assert asyppo.peak_memory_gb(cpu, reset=True) > base + 0.4  # the phase that held it
+    assert asyppo.peak_memory_gb(cpu, reset=True) < base + 0.1  # the next phase does not
+
+
 def parent_pid(pid):
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
