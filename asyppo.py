@@ -1067,18 +1067,8 @@ class VLLMEngine(RolloutEngine):
             lambda record: "RotaryEmbedding" not in record.getMessage())
         # on CPU, sleep pauses the scheduler as on GPU but frees nothing, and the CPU worker says so at every call
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
-        r, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
-        self.cuda = device.type == "cuda"
-        self.llm = vllm.LLM(
-            model=path, dtype=cfg.model.param_dtype, seed=cfg.seed + dist.get_rank() // tp,  # same seed within a TP group
-            tensor_parallel_size=tp, distributed_executor_backend="external_launcher",  # this process is the worker
-            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=self.cuda,  # CPU: no sleep allocator
-            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
-            logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
-            # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world group, which
-            # with this launcher is the whole job: in split the critic ranks would never join them and start-up hangs
-            enable_flashinfer_autotune=False,
-            enforce_eager=not self.cuda)
+        self.cuda, r, tp = device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
+        self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))  # same seed in a TP group
         self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
                                             logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
@@ -1086,21 +1076,46 @@ class VLLMEngine(RolloutEngine):
         self.tp, self.tp_group = tp, tp_group
 
     @staticmethod
-    def join_without_engine(cfg):
+    def engine_args(path, cfg, device):
+        """vLLM's engine arguments, the same on every rank (the ranks without an engine build the same config)."""
+        cuda, r = device.type == "cuda", cfg.rollout
+        return dict(model=path, dtype=cfg.model.param_dtype, tensor_parallel_size=r.tensor_parallel_size,
+                    distributed_executor_backend="external_launcher",  # this process is vLLM's worker
+                    gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda,  # CPU: no sleep allocator
+                    max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
+                    logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
+                    # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world group,
+                    # which with this launcher is the whole job: in split the critic ranks would never join them
+                    enable_flashinfer_autotune=False,
+                    enforce_eager=not cuda)
+
+    @staticmethod
+    def join_without_engine(path, cfg, device):
         """split placement, on the ranks that hold no engine (the critics'). vLLM's external launcher takes the whole
-        torch.distributed world as its own: building an engine makes process groups over every rank (and
-        torch.distributed.new_group must be called by every rank) and takes the minimum free memory over all of them.
-        These ranks take part in both, at the moment the actor ranks build their engines, and hold no engine."""
-        import_vllm()
-        from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+        torch.distributed world as its own, so while the actor ranks build their engines these ranks must make the
+        same world-wide calls, in the same order, and hold no engine. Checked against vllm 0.33.0's sources (dense
+        model, pipeline / data parallel 1, in-process engine); re-check this list on a vLLM upgrade:
+          1. init_distributed_environment (distributed/parallel_state.py): the world group (new_group over every rank,
+             for the device and for gloo) and the node count (broadcast_object_list, barrier, all_reduce on gloo).
+          2. initialize_model_parallel via ensure_model_parallel_initialized: new_group pairs for TP, DCP, PCP, PP and DP
+             over rank lists that every rank makes; the expert-parallel groups only for MoE models or when vLLM has no
+             model config. So the config here is built from the actor's checkpoint, as on the actor ranks (without it,
+             these ranks made 2 x world / TP more groups and every later new_group mismatched).
+          3. ExecutorWithExternalLauncher.determine_available_memory (v1/executor/uniproc_executor.py): an all_reduce
+             (MIN) of the free memory over the world's gloo group, for the KV-cache size.
+          4. FlashInfer autotune (model_executor/warmup/kernel_warmup.py): a world all_gather, per-tactic reductions and
+             a barrier on GPUs of capability >= 9.0. Not mirrored: engine_args switches it off.
+        Nothing later (generate, reload_weights, sleep, wake_up) is world-wide with the in-process engine."""
+        vllm = import_vllm()
+        from vllm.config import set_current_vllm_config
         from vllm.distributed import parallel_state
         from vllm.platforms import current_platform
         tp = cfg.rollout.tensor_parallel_size
-        parallel = ParallelConfig(tensor_parallel_size=tp, distributed_executor_backend="external_launcher")
-        with set_current_vllm_config(VllmConfig(parallel_config=parallel)):
-            parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]), current_platform.dist_backend)
-            parallel_state.ensure_model_parallel_initialized(tp, 1)
-        free = torch.tensor([2**62])  # the engines' KV-cache sizing reduces (MIN) the free memory over every rank
+        with set_current_vllm_config(vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()):
+            parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]),
+                                                        current_platform.dist_backend)  # 1.
+            parallel_state.ensure_model_parallel_initialized(tp, 1)  # 2.
+        free = torch.tensor([2**62])  # 3. (this rank's "free memory": it does not lower the minimum)
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=parallel_state.get_world_group().cpu_group)
 
     def generate(self, prompts, n, seed, **overrides):
@@ -1628,7 +1643,7 @@ def main(argv=None):
     if is_actor:  # starts from the actor's checkpoint
         engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id, tp_group)
     elif cfg.rollout.engine == "vllm":
-        VLLMEngine.join_without_engine(cfg)  # vLLM's start-up collectives span every rank
+        VLLMEngine.join_without_engine(actor_path, cfg, device)  # vLLM's start-up collectives span every rank
 
     # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
     start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"

@@ -498,6 +498,89 @@ def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
         assert m["losses/approx_kl"] == 0.0  # π_old is the trainer's own: ratio exactly 1 on the first minibatch
 
 
+ENGINE_STATES = """
+import json, torch, asyppo
+from transformers import AutoModelForCausalLM
+cfg = asyppo.parse_config(["model.tiny_warm_start_steps=20", "rollout.engine=ENGINE"])
+asyppo.setup_distributed(cfg)
+actor, _ = asyppo.build_tiny_models(cfg, OUT)
+tok = asyppo.tiny_tokenizer()
+Engine = asyppo.VLLMEngine if cfg.rollout.engine == "vllm" else asyppo.HFEngine
+engine = Engine(actor, cfg, torch.device("cpu"), tok.eos_token_id, tok.pad_token_id)
+weights = list(AutoModelForCausalLM.from_pretrained(actor).state_dict().items())
+prompt, seen = tok.encode("3+5=", add_special_tokens=False), {}
+def attempt(name, call):
+    try:
+        call()
+        seen[name] = "ok"
+    except RuntimeError as e:
+        seen[name] = "refused" if "while the engine is" in str(e) else repr(e)
+for state in ("awake", "asleep", "weights", "awake again"):
+    if state == "asleep":
+        engine.sleep()
+    if state == "weights":
+        engine.wake_up(tags=["weights"])
+    if state == "awake again":
+        engine.wake_up(tags=["kv_cache"])
+    attempt(state + ": generate", lambda: engine.generate([prompt], 2, seed=0))
+    attempt(state + ": score", lambda: engine.score([prompt + [5, 6]]))
+    attempt(state + ": load_weights", lambda: engine.load_weights(iter(weights)))
+    if cfg.rollout.engine == "vllm":  # vLLM's own scheduler is paused while asleep, on CPU too
+        seen[state + ": vllm sleeping"] = engine.llm.llm_engine.is_sleeping()
+print("SEEN", json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_refuses_work_while_asleep(tmp_path, engine):
+    """A sleeping vLLM engine on a GPU has its scheduler paused and its weights discarded: a generate or score call then
+    never returns. Both engines refuse such calls while asleep (the loop once scored the probe right after sleep())."""
+    out = run([sys.executable, "-c", ENGINE_STATES.replace("ENGINE", engine).replace("OUT", repr(str(tmp_path)))])
+    seen = json.loads(out.split("SEEN ")[1].splitlines()[0])
+    for action in ("generate", "score", "load_weights"):
+        assert seen[f"awake: {action}"] == seen[f"awake again: {action}"] == "ok"
+        assert seen[f"asleep: {action}"] == "refused"
+        assert seen[f"weights: {action}"] == ("ok" if action == "load_weights" else "refused")
+    if engine == "vllm":
+        assert [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")] == [False, True, True, False]
+
+
+@needs_vllm
+def test_vllm_split_ranks_make_the_same_groups_as_the_engine_ranks(tmp_path):
+    """The external launcher makes vLLM's world the whole job, so a rank without an engine must make every process group
+    the engine ranks make. (Built without a model config, the join made the expert-parallel groups too: the group
+    counters then differed, and any later new_group waited for a group the other rank never made.) Also: FlashInfer's
+    autotune, whose collectives the joining rank does not mirror, is off."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import datetime, torch, torch.distributed as dist, asyppo
+from torch.distributed import distributed_c10d
+cfg = asyppo.parse_config(["model.tiny_warm_start_steps=0", "rollout.engine=vllm", "placement=split"])
+rank, world, device = asyppo.setup_distributed(cfg)
+path = {str(tmp_path / "base" / "actor")!r}
+if rank == 0:
+    asyppo.build_tiny_models(cfg, {str(tmp_path / "base")!r})
+dist.barrier()
+if rank == 0:
+    engine = asyppo.VLLMEngine(path, cfg, device, 2, 0)
+    print("AUTOTUNE", engine.llm.llm_engine.vllm_config.kernel_config.enable_flashinfer_autotune, flush=True)
+else:
+    asyppo.VLLMEngine.join_without_engine(path, cfg, device)
+print(f"GROUPS {{rank}} {{distributed_c10d._world.group_count}}", flush=True)
+group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=60))
+x = torch.ones(1)
+dist.all_reduce(x, group=group)
+print(f"SUM {{rank}} {{int(x)}}", flush=True)
+"""
+    (tmp_path / "join.py").write_text(code)
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "join.py")])
+    groups = dict(re.findall(r"GROUPS (\d) (\d+)", out))
+    assert len(groups) == 2 and groups["0"] == groups["1"], out[-3000:]
+    assert sorted(re.findall(r"SUM (\d) (\d)", out)) == [("0", "2"), ("1", "2")]
+    assert "AUTOTUNE False" in out
+
+
 @needs_vllm
 def test_vllm_samples_each_prompt_with_its_own_seed(tmp_path):
     """Two copies of one prompt in one batch are sampled independently. (With one seed for the whole batch, vLLM drew
