@@ -532,16 +532,21 @@ def grpo_advantages(rewards, group_size, mask, eps=1e-6):
     return adv.view(-1, 1) * mask
 
 
-def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac):
+def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=None):
     """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) (population std) over the critics, ranked over all valid tokens.
     adv_keep = 0 on the floor(adv_mask_frac * n) tokens with the smallest σ (critics agree: no policy gradient),
     ent_keep = 0 on the floor(ent_filter_frac * n) tokens with the largest σ (critics disagree: no entropy bonus).
-    Ties are broken by index (stable sort), so the counts are exact. Invalid positions are 0 in both. [N, L] each.
+    The counts are exact whatever the ties. Equal σ are ordered by a random permutation from tie_seed (the same on
+    every rank), else by index; by index, a tie at the cut (σ = 0 where two critics agree to the last bit) would put the
+    masks on the first rows and tokens. Invalid positions are 0 in both. [N, L] each.
     Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
     sigma = values.std(0, unbiased=False)  # [N, L]
     valid = mask.bool()
     n = int(valid.sum())
-    order = torch.argsort(sigma[valid], stable=True)  # [n] ascending σ; equal σ keep index order
+    order = torch.arange(n, device=mask.device)  # [n]: the order in which equal σ are taken
+    if tie_seed is not None:
+        order = torch.randperm(n, generator=torch.Generator(mask.device).manual_seed(tie_seed), device=mask.device)
+    order = order[torch.argsort(sigma[valid][order], stable=True)]  # [n] ascending σ
     k_adv = int(math.floor(adv_mask_frac * n + 1e-9))
     k_ent = int(math.floor(ent_filter_frac * n + 1e-9))
     adv_flat, ent_flat = torch.ones(n, device=mask.device), torch.ones(n, device=mask.device)
@@ -870,11 +875,15 @@ def build_tiny_models(cfg, out_dir):
 # =============================================================================================================
 # Models: FSDP2-sharded actor and critics, each with its own AdamW + linear warm-up
 # =============================================================================================================
-def shard_model(model, param_dtype, mesh):
-    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm, heads)."""
+def shard_model(model, param_dtype, mesh, value_head=None):
+    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm, heads).
+    A critic's value head computes in float32 whatever param_dtype: in bfloat16, values in [0, 1] sit on a grid of
+    2^-9 to 2^-8, two critics that agree to that grid have σ exactly 0, and the 20% cut falls inside the tie."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in getattr(model, model.base_model_prefix).layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
+    if value_head is not None:  # AsyPPO: σ ranks the critics' disagreement; its inputs (the last hidden state) cast up
+        fully_shard(value_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -897,7 +906,7 @@ def load_critic(path, cfg, device, mesh, seed):
         path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
     if cfg.model.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
+    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score)
 
 
 def make_optimizer(model, o):
@@ -1564,17 +1573,27 @@ def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
     return (input_ids, attn, mask), rewards, score_t
 
 
-def advantages_and_masks(cfg, values, rewards, scores, mask):
+def advantages_and_masks(cfg, values, rewards, scores, mask, step):
     """Advantages, critic targets and uncertainty masks of the whole rollout batch. values [M, N, L], rewards [N, L],
-    scores [N], mask [N, L]. Every rank calls this on the same tensors, so every rank gets the same masks."""
+    scores [N], mask [N, L]. Every rank calls this on the same tensors and step, so every rank gets the same masks."""
     if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
         return grpo_advantages(scores, cfg.rollout.group_size, mask), None, mask, mask
     v_bar = aggregate_values(values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
     adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
     if cfg.algo.whiten_advantages:
         adv = masked_whiten(adv, mask)
-    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac)  # AsyPPO: Eq. 4-5
+    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac,  # AsyPPO: Eq. 4-5
+                                           tie_seed=cfg.seed * 1_000_003 + step)
     return adv, returns, adv_keep, ent_keep
+
+
+def quantiles(x, qs):
+    """torch.quantile's linear interpolation without its limit of 2^24 elements (2,048 responses x 8,193 tokens pass it).
+    >>> quantiles(torch.tensor([3., 1., 2., 4.]), [0.5])  # -> tensor([2.5])"""
+    x = x.flatten().sort().values  # [n]
+    pos = torch.tensor(qs, dtype=torch.float64, device=x.device) * (len(x) - 1)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    return x[lo] + (x[hi] - x[lo]) * (pos - lo).to(x.dtype)
 
 
 def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
@@ -1585,9 +1604,10 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     if M == 0:
         return out
     sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: critic disagreement σ of every valid token
-    q = torch.quantile(sigma, torch.tensor([0.1, 0.5, 0.9], device=sigma.device)).tolist()
+    q = quantiles(sigma, [0.1, 0.5, 0.9]).tolist()
     out.update({"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0], "asyppo/value_std_p50": q[1],
-                "asyppo/value_std_p90": q[2], "critic/value_mean": float(values.mean(0)[valid].mean())})
+                "asyppo/value_std_p90": q[2], "critic/value_mean": float(values.mean(0)[valid].mean()),
+                "asyppo/value_std_zero_frac": float((sigma == 0).float().mean())})  # AsyPPO: exact ties (bf16 values)
     out.update({f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)})
     if M > 1:  # mean Pearson correlation of the critics' values over all pairs
         corr = torch.corrcoef(values[:, valid])
@@ -1730,7 +1750,7 @@ def main(argv=None):
 
             # ======== 5. advantages and uncertainty masks, on the whole batch: every rank computes the same ===========
             # The 20% are ranked over all valid tokens of the batch. The critics' ranks need only the returns (targets).
-            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask)
+            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
             if cfg.algo.critic_first and M:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
                 t0 = time.time()
                 metrics.update(update_critics(critics, critic_optims, cfg, layout, batch, returns, shard))
@@ -1738,7 +1758,7 @@ def main(argv=None):
                 values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
                 for m in range(M):
                     broadcast_chunks(values[m], layout.critics[m])
-                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask)
+                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
             check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
             actor_updated = step >= cfg.algo.critic_warmup_steps
             if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank decides the same
