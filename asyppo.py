@@ -241,19 +241,37 @@ def parse_config(argv):
     args = parser.parse_args(argv)
     cfg = Config()
     if args.config:
-        presets = yaml.safe_load(Path(args.config).read_text())
-        name = args.preset or presets["default"]
+        if not Path(args.config).is_file():
+            sys.exit(f"config: {args.config}: no such file")
+        try:
+            presets = yaml.safe_load(Path(args.config).read_text())
+        except yaml.YAMLError as e:  # the line yaml reports is 0-based
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            sys.exit(f"config: {args.config}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+        if not isinstance(presets, dict) or not isinstance(presets.get("presets"), dict):
+            sys.exit(f"config: {args.config} has no 'presets:' mapping (preset name -> its keys)")
+        name = args.preset or presets.get("default")
+        if name is None:
+            sys.exit(f"config: {args.config} has no 'default:' preset; name one with --preset")
         if name not in presets["presets"]:
-            sys.exit(f"config: preset '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
+            which = "preset" if args.preset else "default: preset"
+            sys.exit(f"config: {which} '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
 
         def apply(d, prefix=""):
             for k, v in (d or {}).items():
                 apply(v, f"{prefix}{k}.") if isinstance(v, dict) else set_config_value(cfg, f"{prefix}{k}", v)
 
         def apply_preset(name):  # `inherit: other` applies the other preset first
-            preset = dict(presets["presets"][name] or {})
-            if "inherit" in preset:
-                apply_preset(preset.pop("inherit"))
+            preset = presets["presets"].get(name)
+            if not isinstance(preset, (dict, type(None))):
+                sys.exit(f"config: preset '{name}' in {args.config} must be a mapping of keys, got {preset!r}")
+            preset = dict(preset or {})
+            inherit = preset.pop("inherit", None)
+            if inherit is not None and (not isinstance(inherit, str) or inherit not in presets["presets"]):
+                sys.exit(f"config: preset '{name}' in {args.config} inherits {inherit!r}, which is not a preset there")
+            if inherit is not None:
+                apply_preset(inherit)
             apply(preset)
         apply_preset(name)
     elif args.preset:

@@ -396,6 +396,27 @@ def test_config_errors_name_the_key(argv, message):
         asyppo.parse_config(argv)
 
 
+@pytest.mark.parametrize("text,argv,message", [
+    (None, [], "config: {f}: no such file"),
+    ("presets:\n  tiny: {max_steps: 2\n", [], "config: {f}: not valid YAML at line 3: expected ',' or '}'"),
+    ("default: tiny\ntiny: {max_steps: 2}\n", [], "config: {f} has no 'presets:' mapping"),
+    ("- tiny\n", [], "config: {f} has no 'presets:' mapping"),
+    ("presets:\n  tiny: {max_steps: 2}\n", [], "config: {f} has no 'default:' preset; name one with --preset"),
+    ("default: tinny\npresets:\n  tiny: {max_steps: 2}\n", [], "config: default: preset 'tinny' not in {f}"),
+    ("default: tiny\npresets:\n  tiny: {max_steps: 2}\n", ["--preset", "big"], "config: preset 'big' not in {f}"),
+    ("default: tiny\npresets:\n  tiny: 5\n", [], "config: preset 'tiny' in {f} must be a mapping of keys, got 5"),
+    ("default: tiny\npresets:\n  tiny: [max_steps]\n", [], "config: preset 'tiny' in {f} must be a mapping of keys"),
+    ("default: b\npresets:\n  b: {inherit: a}\n", [], "config: preset 'b' in {f} inherits 'a', which is not a preset"),
+])
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, argv, message):
+    f = tmp_path / "presets.yaml"
+    if text is not None:
+        f.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        asyppo.parse_config(["--config", str(f), *argv])
+    assert str(e.value.code).startswith(message.replace("{f}", str(f))) and "\n" not in str(e.value.code)
+
+
 def test_config_error_is_one_line_before_any_model_is_loaded(tmp_path):
     p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "algo.adv_mask_frac=0.9", "algo.ent_filter_frac=0.3"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
