@@ -24,6 +24,7 @@ Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration) and OUT
 """
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import functools
@@ -240,19 +241,37 @@ def parse_config(argv):
     args = parser.parse_args(argv)
     cfg = Config()
     if args.config:
-        presets = yaml.safe_load(Path(args.config).read_text())
-        name = args.preset or presets["default"]
+        if not Path(args.config).is_file():
+            sys.exit(f"config: {args.config}: no such file")
+        try:
+            presets = yaml.safe_load(Path(args.config).read_text())
+        except yaml.YAMLError as e:  # the line yaml reports is 0-based
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            sys.exit(f"config: {args.config}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+        if not isinstance(presets, dict) or not isinstance(presets.get("presets"), dict):
+            sys.exit(f"config: {args.config} has no 'presets:' mapping (preset name -> its keys)")
+        name = args.preset or presets.get("default")
+        if name is None:
+            sys.exit(f"config: {args.config} has no 'default:' preset; name one with --preset")
         if name not in presets["presets"]:
-            sys.exit(f"config: preset '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
+            which = "preset" if args.preset else "default: preset"
+            sys.exit(f"config: {which} '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
 
         def apply(d, prefix=""):
             for k, v in (d or {}).items():
                 apply(v, f"{prefix}{k}.") if isinstance(v, dict) else set_config_value(cfg, f"{prefix}{k}", v)
 
         def apply_preset(name):  # `inherit: other` applies the other preset first
-            preset = dict(presets["presets"][name] or {})
-            if "inherit" in preset:
-                apply_preset(preset.pop("inherit"))
+            preset = presets["presets"].get(name)
+            if not isinstance(preset, (dict, type(None))):
+                sys.exit(f"config: preset '{name}' in {args.config} must be a mapping of keys, got {preset!r}")
+            preset = dict(preset or {})
+            inherit = preset.pop("inherit", None)
+            if inherit is not None and (not isinstance(inherit, str) or inherit not in presets["presets"]):
+                sys.exit(f"config: preset '{name}' in {args.config} inherits {inherit!r}, which is not a preset there")
+            if inherit is not None:
+                apply_preset(inherit)
             apply(preset)
         apply_preset(name)
     elif args.preset:
@@ -613,9 +632,34 @@ MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the ta
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # else it warns "Timeout is disabled" on every call without alarms
 
 
+def gold_texts(answer: str) -> list[str]:
+    """The gold answer as the text(s) math-verify should parse. Datasets write it without the delimiters math-verify's
+    LaTeX extraction looks for (DeepMath-103K's final_answer, MATH-500's answer), and without them it reads only a
+    plain number out of it ("2\\sqrt{2}" -> 2, "\\frac{1}{e}" -> nothing): an answer with no $, \\(, \\[ or \\boxed is
+    boxed. OlympiadBench's final_answer is a list, which reaches here as str(list): its items, joined. A number in
+    e-notation (Minerva Math: "4.5e33") is also read as m \\times 10^{x}, else LaTeX reads it as 4.5 * e * 33.
+    >>> gold_texts("2\\sqrt{2}"), gold_texts("['$69$', '$84$']")  # -> ['\\boxed{2\\sqrt{2}}'], ['$69$, $84$']
+    >>> gold_texts("4.5e33")  # -> ['\\boxed{4.5e33}', '\\boxed{4.5\\times 10^{33}}']"""
+    answer = answer.strip()
+    if answer[:2] in ("['", '["') and answer.endswith("]"):  # a list of strings; "[0, 1]" is an interval: kept
+        try:
+            items = ast.literal_eval(answer)
+            if isinstance(items, list) and items and all(isinstance(x, str) for x in items):
+                answer = ", ".join(x.strip() for x in items)
+        except Exception:  # not a Python list literal: an answer like "['a, b)" stays as it is
+            pass
+    if "\\(" in answer or "\\[" in answer or "\\boxed" in answer or "$" in answer.replace("\\$", ""):
+        return [answer]
+    texts = [f"\\boxed{{{answer}}}"]
+    mantissa, e, exponent = answer.lower().partition("e")
+    if e and mantissa.lstrip("-+").replace(".", "", 1).isdigit() and exponent.lstrip("-+").isdigit():
+        texts.append(f"\\boxed{{{mantissa}\\times 10^{{{int(exponent)}}}}}")
+    return texts
+
+
 @functools.lru_cache(maxsize=65536)
-def _parse_gold(answer, timeout):
-    return parse(answer, parsing_timeout=timeout)
+def _parse_gold(answer, timeout):  # every reading of the gold answer: verify() scores 1 if any of them matches
+    return [x for text in gold_texts(answer) for x in parse(text, parsing_timeout=timeout)]
 
 
 @functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free

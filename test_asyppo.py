@@ -260,6 +260,136 @@ def test_math_reward_from_worker_thread_is_right_and_bounded():
     assert results == {"right": 1.0, "wrong": 0.0, "tower": 0.0}
 
 
+def boxed(x):  # how a model ends its response when the prompt asks for \boxed{}
+    return f"Putting these together, we get the result.\n\nSo the final answer is $\\boxed{{{x}}}$."
+
+
+# (gold answer as the dataset writes it, response, expected reward). Each family's golds are copied from the source.
+REWARD_TABLE = [
+    # DeepMath-103K final_answer (training data): raw LaTeX, no delimiters; Yes/No/True/False, letters, "e" exist
+    ("2\\sqrt{2}", boxed("2\\sqrt{2}"), 1.0),
+    ("2\\sqrt{2}", boxed("\\sqrt{8}"), 1.0),
+    ("2\\sqrt{2}", boxed("2"), 0.0),
+    ("\\frac{1}{e}", boxed("e^{-1}"), 1.0),
+    ("e", boxed("e"), 1.0),
+    ("e", boxed("e^2"), 0.0),
+    ("\\infty", boxed("\\infty"), 1.0),
+    ("\\infty", boxed("-\\infty"), 0.0),
+    ("-\\infty", boxed("-\\infty"), 1.0),
+    ("\\dfrac{1}{2}", boxed("\\frac12"), 1.0),
+    ("\\frac12", boxed("\\dfrac{1}{2}"), 1.0),
+    ("\\frac{1}{2}", boxed("0.5"), 1.0),
+    ("\\ln 2", boxed("\\ln(2)"), 1.0),
+    ("e^{t^2/2}", boxed("e^{\\frac{t^2}{2}}"), 1.0),
+    ("x^2 + 1", boxed("x^2+1"), 1.0),
+    ("x^2 + 1", boxed("x^2-1"), 0.0),
+    ("4\\pi", boxed("4\\pi"), 1.0),
+    ("4\\pi", boxed("12.566"), 0.0),
+    ("\\frac{\\sqrt{3}}{2}", boxed("\\sqrt{3}/2"), 1.0),
+    ("\\sqrt{4}", boxed("2"), 1.0),
+    ("2", boxed("\\sqrt{4}"), 1.0),
+    ("\\{1, 2\\}", boxed("\\{2, 1\\}"), 1.0),
+    ("\\{1, 2\\}", boxed("\\{1, 3\\}"), 0.0),
+    ("(1, 2)", boxed("(1,2)"), 1.0),
+    ("(1, 2)", boxed("(2, 1)"), 0.0),
+    ("\\mathbb{Z}_{42}", boxed("\\mathbb{Z}_{42}"), 1.0),
+    ("Yes", boxed("Yes"), 1.0),
+    ("Yes", boxed("\\text{yes}"), 1.0),
+    ("No", boxed("Yes"), 0.0),
+    ("True", boxed("\\text{True}"), 1.0),
+    ("True", boxed("False"), 0.0),
+    ("C", boxed("C"), 1.0),
+    ("C", boxed("(C)"), 1.0),
+    ("C", boxed("D"), 0.0),
+    ("0", boxed("0"), 1.0),
+    # MATH-500 answer (evaluation): raw LaTeX; points, text, degrees, intervals, lists, units, money, letters
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", boxed("\\left(3, \\frac{\\pi}{2}\\right)"), 1.0),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", boxed("(3, \\pi)"), 0.0),
+    ("p - q", boxed("p-q"), 1.0),
+    ("p - q", boxed("q-p"), 0.0),
+    ("\\frac{14}{3}", boxed("\\dfrac{14}{3}"), 1.0),
+    ("\\text{Evelyn}", boxed("\\text{Evelyn}"), 1.0),
+    ("\\text{Evelyn}", boxed("\\text{Carla}"), 0.0),
+    ("90^\\circ", boxed("90^\\circ"), 1.0),
+    ("90^\\circ", boxed("90"), 1.0),
+    ("3\\sqrt{13}", boxed("\\sqrt{117}"), 1.0),
+    ("6 - 5i", boxed("6-5i"), 1.0),
+    ("\\text{(C)}", boxed("C"), 1.0),
+    ("\\text{(C)}", boxed("\\text{(C)}"), 1.0),
+    ("\\text{(C)}", boxed("(E)"), 0.0),
+    ("[-2,7]", boxed("[-2, 7]"), 1.0),
+    ("[-2,7]", boxed("(-2, 7)"), 0.0),
+    ("(-\\infty, 0]", boxed("(-\\infty, 0]"), 1.0),
+    ("(-\\infty, 0]", boxed("(-\\infty, 0)"), 0.0),
+    ("(2,\\infty)", boxed("(2, \\infty)"), 1.0),
+    ("x \\in [-2,7]", boxed("[-2,7]"), 1.0),
+    ("1,-2", boxed("-2, 1"), 1.0),
+    ("10,\\!080", boxed("10080"), 1.0),
+    ("58,500", boxed("58500"), 1.0),
+    ("\\$18.90", boxed("\\$18.90"), 1.0),
+    ("\\$18.90", boxed("18.90"), 1.0),
+    ("5.4 \\text{ cents}", boxed("5.4"), 1.0),
+    ("15\\mbox{ cm}^2", boxed("15"), 1.0),
+    ("1 \\pm \\sqrt{19}", boxed("1 \\pm \\sqrt{19}"), 1.0),
+    ("y = 2x + 3", boxed("y=2x+3"), 1.0),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", boxed("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), 1.0),
+    ("25\\%", boxed("25\\%"), 1.0),  # percentages: not in MATH-500's answers, common in DeepMath-style word problems
+    ("25\\%", boxed("25"), 1.0),
+    # OlympiadBench final_answer: a list of $-delimited strings, reaching the reward as str(list); the flattened
+    # copies of the set write the list's items joined ("$69$,$84$")
+    (str(["$\\frac{1}{2 n+2}$"]), boxed("\\frac{1}{2n+2}"), 1.0),
+    (str(["$2^{1009}$"]), boxed("2^{1009}"), 1.0),
+    (str(["$2^{1009}$"]), boxed("2^{1008}"), 0.0),
+    (str(["$69$", "$84$"]), boxed("69, 84"), 1.0),
+    (str(["$69$", "$84$"]), boxed("69"), 0.0),
+    (str(["\\sqrt{2}"]), boxed("\\sqrt{2}"), 1.0),
+    ("$\\frac{1}{2 n+2}$", boxed("\\frac{1}{2n+2}"), 1.0),
+    ("$69$,$84$", boxed("84, 69"), 1.0),
+    ("$(1,8,19), (2,7,13), (4,5,7)$", boxed("(1,8,19), (2,7,13), (4,5,7)"), 1.0),
+    ("$k=1$", boxed("1"), 1.0),
+    # Minerva Math answer: numbers (the unit is in the question), e-notation, expressions
+    ("1.6", boxed("1.6 \\text{ cm}"), 1.0),
+    ("41.8", boxed("41.8^\\circ"), 1.0),
+    ("0.49", "Final answer: The final answer is 0.49. I hope it is correct.", 1.0),
+    ("4.5e33", boxed("4.5 \\times 10^{33}"), 1.0),
+    ("4.5e33", boxed("4.5e33"), 1.0),
+    ("4.5e33", boxed("4.5 \\times 10^{32}"), 0.0),
+    ("1e-5", boxed("10^{-5}"), 1.0),
+    ("\\sqrt{4 \\pi G \\rho_{0} r_{0}^{2}}", boxed("\\sqrt{4\\pi G\\rho_0 r_0^2}"), 1.0),
+    ("-2+2 \\sqrt{3} i", boxed("-2+2\\sqrt{3}i"), 1.0),
+    # AMC23 answer: a float, reaching the reward as str(27.0); AIME24/25 answer: an integer string
+    (str(27.0), boxed("27"), 1.0),
+    (str(27.0), boxed("28"), 0.0),
+    ("204", boxed("204"), 1.0),
+    ("70", boxed("070"), 1.0),
+    ("70", boxed("700"), 0.0),
+    # no answer in the response
+    ("70", "I could not finish the computation.", 0.0),
+    ("\\frac{1}{2}", "", 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def reward_pool():
+    pool = asyppo.RewardPool(workers=2, timeout_s=5.0)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("path", ["math_reward", "RewardPool"])
+def test_reward_table_on_real_answer_formats(path, request):
+    """Every row, scored the way training (math_reward; the trainer's RewardPool) and evaluation (RewardPool.score)
+    score it. One test per path, every wrong row named in the failure."""
+    golds, responses, expected = zip(*REWARD_TABLE)
+    if path == "math_reward":
+        got = [math_reward(r, g) for r, g in zip(responses, golds)]
+    else:
+        got, timeouts = request.getfixturevalue("reward_pool").score(list(responses), list(golds))
+        assert timeouts == 0
+    wrong = [(g, r[-40:], e, s) for g, r, e, s in zip(golds, responses, expected, got) if s != e]
+    assert not wrong, f"{len(wrong)} of {len(REWARD_TABLE)} rows wrong (gold, response tail, expected, got): {wrong}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +430,27 @@ def test_config_presets_and_overrides():
 def test_config_errors_name_the_key(argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         asyppo.parse_config(argv)
+
+
+@pytest.mark.parametrize("text,argv,message", [
+    (None, [], "config: {f}: no such file"),
+    ("presets:\n  tiny: {max_steps: 2\n", [], "config: {f}: not valid YAML at line 3: expected ',' or '}'"),
+    ("default: tiny\ntiny: {max_steps: 2}\n", [], "config: {f} has no 'presets:' mapping"),
+    ("- tiny\n", [], "config: {f} has no 'presets:' mapping"),
+    ("presets:\n  tiny: {max_steps: 2}\n", [], "config: {f} has no 'default:' preset; name one with --preset"),
+    ("default: tinny\npresets:\n  tiny: {max_steps: 2}\n", [], "config: default: preset 'tinny' not in {f}"),
+    ("default: tiny\npresets:\n  tiny: {max_steps: 2}\n", ["--preset", "big"], "config: preset 'big' not in {f}"),
+    ("default: tiny\npresets:\n  tiny: 5\n", [], "config: preset 'tiny' in {f} must be a mapping of keys, got 5"),
+    ("default: tiny\npresets:\n  tiny: [max_steps]\n", [], "config: preset 'tiny' in {f} must be a mapping of keys"),
+    ("default: b\npresets:\n  b: {inherit: a}\n", [], "config: preset 'b' in {f} inherits 'a', which is not a preset"),
+])
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, argv, message):
+    f = tmp_path / "presets.yaml"
+    if text is not None:
+        f.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        asyppo.parse_config(["--config", str(f), *argv])
+    assert str(e.value.code).startswith(message.replace("{f}", str(f))) and "\n" not in str(e.value.code)
 
 
 def test_config_error_is_one_line_before_any_model_is_loaded(tmp_path):
