@@ -865,11 +865,30 @@ def shard_model(model, param_dtype, mesh):
     return model
 
 
-def load_actor(path, cfg, device, mesh):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
+def for_training(model, cfg):
+    """Training mode without dropout, and gradient checkpointing when asked. from_pretrained returns a model in eval
+    mode, and transformers checkpoints a decoder layer only in training mode (GradientCheckpointingLayer:
+    `self.gradient_checkpointing and self.training`), so without .train() grad_checkpointing is silently off.
+    Training mode would also switch dropout on, and PPO needs deterministic log-probs (π_old and the update's π must be
+    the same function of the weights). Qwen3's and Llama's attention_dropout is 0, but a checkpoint may say otherwise:
+    every dropout rate is set to 0, in the config, in the modules' own copies of it (attention layers keep
+    `self.attention_dropout`) and in every nn.Dropout."""
+    for owner in [model.config, *model.modules()]:
+        for key, value in list(vars(owner).items()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(owner, key, 0.0)
+        if isinstance(owner, torch.nn.Dropout):
+            owner.p = 0.0
+    model.config.use_cache = False  # the trainer never decodes step by step (the engines do)
     if cfg.model.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
+    return model.train()
+
+
+def load_actor(path, cfg, device, mesh):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def load_critic(path, cfg, device, mesh, seed):
@@ -879,11 +898,19 @@ def load_critic(path, cfg, device, mesh, seed):
     config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
     config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
     torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: the critic is a small LM, not an actor copy
-        path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
-    if cfg.model.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # no "LOAD REPORT ... score.weight MISSING" box: see below
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
+            path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+            output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
+    head = sorted(set(info["missing_keys"]) - set(body))
+    print(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
+          + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
+    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def make_optimizer(model, o):
