@@ -36,7 +36,8 @@ def build(out_dir, critic_layers=2):
         if layers:  # a mini-critic: the first `layers` decoder layers of the same model
             model.model.layers = model.model.layers[:layers]
             model.config.num_hidden_layers = layers
-            model.config.layer_types = None if getattr(model.config, "layer_types", None) is None else model.config.layer_types[:layers]
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:layers]
         model.to(torch.bfloat16).save_pretrained(out_dir / name)
         tokenizer.save_pretrained(out_dir / name)
     return str(out_dir / "actor"), str(out_dir / "critic")
