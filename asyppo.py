@@ -1162,9 +1162,9 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_siz
     the same weights through different kernels, and single tokens then differ by up to ~0.3 while the mean stays small
     (README, "Rehearse the paper preset on CPU": the measured gaps and the tolerance they give). -> (mean, max).
     Measured on the rehearsal model (bf16, 48-token responses): matched engines 0 (hf) and 0.039-0.046 (vLLM, max 0.41);
-    after one skipped sync, with vLLM 0.045 (lr 1e-6), 0.042 (1e-5), 0.40 (1e-4). Hence 0.1 in bf16 (1e-3 in float32,
-    where matched engines agree to ~1e-6): a bf16 engine that misses one small step holds nearly the same bf16 weights
-    and cannot be told from a synced one; a stale engine shows once the drift outgrows bf16's rounding.
+    after one skipped sync, with vLLM 0.045 (lr 1e-6), 0.042 (1e-5), 0.40 (1e-4). Hence 0.1 in bf16 (1e-3 in
+    float32: tiny preset matched 0, one skipped sync 0.126): a bf16 engine that misses one small step holds nearly the
+    same bf16 weights and cannot be told from a synced one; a stale engine shows once its drift outgrows bf16 rounding.
     Micro-batched, with logits for the response tokens only (logits_to_keep): the whole probe at once would hold
     probe_size x sequence length x vocabulary float32 logits (8 x 9,024 x 151,936 ≈ 44 GB, ~110 GB with log-softmax)."""
     diffs = []
