@@ -110,7 +110,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3  # vllm: GPU memory share of the engine (it shares the GPU with training)
     gpu_memory_gb: float = 80.0  # --dry-run: memory of one GPU, for the plan's verdict
     sync_check_tol: float = 0.0  # stop when engine and trainer log-probs of the probe's responses differ by more
-    #                              (mean |Δ|); 0: by model.param_dtype, 1e-3 in float32, 0.1 in bfloat16 (check_weight_sync)
+    #                              (mean |Δ|); 0: by model.param_dtype: 1e-3 float32, 0.1 bfloat16 (check_weight_sync)
     probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
 
 
