@@ -483,8 +483,11 @@ def test_learning_reward_rises(tmp_path, engine):
     """The tiny preset learns, on any CPU. Floating-point results differ between CPU types from iteration 0 (ENV_NOTES
     §9; ATEN_CPU_CAPABILITY=default/avx2/avx512 shows it on one machine), so no single seed's curve is asserted: over
     several seeds, each seed's mean reward over its last 50 iterations must beat its first 25 by a margin, and the mean
-    of the last windows must reach a level. Margins are about half of what was measured (the commit message lists each
-    seed's windows under the three capabilities)."""
+    of the last windows must reach a level. Measured (first 25 -> iterations 150-199, seeds 1 / 2 / 3):
+      ATEN_CPU_CAPABILITY=default  0.574 -> 0.867, 0.593 -> 0.875, 0.535 -> 0.834
+      ATEN_CPU_CAPABILITY=avx2     0.545 -> 0.810, 0.588 -> 0.884, 0.532 -> 0.792
+      ATEN_CPU_CAPABILITY=avx512   0.558 -> 0.842, 0.623 -> 0.860, 0.520 -> 0.781
+    smallest rise 0.26, smallest mean of the last windows 0.83: the margins (0.12, 0.75) are about half of that."""
     first, last = [], []
     for seed in LEARNING_SEEDS[engine]:
         out = tmp_path / f"seed{seed}"
