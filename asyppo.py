@@ -103,7 +103,8 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # "vllm": one vLLM engine per rank | "hf": transformers generate (no extra install)
-    prompts_per_step: int = 16  # B: prompts per iteration, over all ranks
+    prompts_per_step: int = 64  # B: prompts per iteration, over all ranks. Tiny: 64 x 4 = 256 sequences, so
+    # 8 actor steps of 32 per iteration (16 prompts: 2 steps, seed 1 went 0.48 -> 0.72 in 300 it; 64: 0.56 -> 0.94)
     group_size: int = 4  # G: responses per prompt
     max_new_tokens: int = 3  # response length cap
     temperature: float = 0.99  # sampling settings of the paper's appendix

@@ -522,7 +522,7 @@ def single_run(tmp_path_factory):
     """4 iterations of the tiny preset, one actor minibatch per iteration (so every ratio is on-policy)."""
     out = tmp_path_factory.mktemp("single")
     log = run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny", "max_steps=4",
-               f"output_dir={out}", "actor.sequences_per_step=64"])
+               f"output_dir={out}", "actor.sequences_per_step=256"])
     return out, log
 
 
@@ -537,7 +537,7 @@ def test_script_single_process(single_run):
         assert 0.15 < m["asyppo/adv_mask_frac"] <= 0.2 + 1e-6 and 0.15 < m["asyppo/ent_filter_frac"] <= 0.2 + 1e-6
         # π_old is recomputed by the trainer: with one minibatch per epoch the ratio is exactly 1
         assert m["losses/approx_kl"] == 0.0 and m["losses/clipfrac"] == 0.0 and m["losses/ratio_max"] == 1.0
-    assert "batch: 16 prompts x 4 responses = 64 sequences per iteration" in log
+    assert "batch: 64 prompts x 4 responses = 256 sequences per iteration" in log
 
 
 def test_exported_models_reload_and_generate(single_run):
@@ -660,14 +660,33 @@ def test_split_updates_actor_and_critics_at_the_same_time(tmp_path, colocated_ru
     assert sum(m["time/update_overlap_s"] > 0 for m in split) >= 6  # (of 8; a rank that gets no CPU for a while may miss one)
 
 
+LEARNING_SEEDS = {"hf": (1, 2, 3), "vllm": (1, 2)}  # the vLLM tier: fewer seeds, the same windows and margins
+LEARNING_STEPS, FIRST, LAST = 200, 25, 50  # iterations per seed; the two windows compared (iterations 0-24, 150-199)
+MIN_RISE, MIN_LAST = 0.12, 0.75  # every seed's last window beats its first by MIN_RISE; their mean reaches MIN_LAST
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_learning_reward_rises(tmp_path, engine):
-    """Fixed seed, 400 iterations of the tiny preset: the reward must rise by a clear margin. (One seed's curve is
-    noisy: over seeds 1-3 with vLLM the rise from the first 50 to iterations 350-400 was +0.28, +0.22 and +0.09.)"""
-    run([sys.executable, "asyppo.py", "max_steps=400", f"output_dir={tmp_path}", f"rollout.engine={engine}"])
-    rewards = [m["reward/mean"] for m in read_metrics(tmp_path)]
-    first, last = sum(rewards[:50]) / 50, sum(rewards[-50:]) / 50
-    assert last > first + 0.1, (first, last)
+    """The tiny preset learns, on any CPU. Floating-point results differ between CPU types from iteration 0 (ENV_NOTES
+    §9; ATEN_CPU_CAPABILITY=default/avx2/avx512 shows it on one machine), so no single seed's curve is asserted: over
+    several seeds, each seed's mean reward over its last 50 iterations must beat its first 25 by a margin, and the mean
+    of the last windows must reach a level. Measured (first 25 -> iterations 150-199, seeds 1 / 2 / 3):
+      ATEN_CPU_CAPABILITY=default  0.574 -> 0.867, 0.593 -> 0.875, 0.535 -> 0.834
+      ATEN_CPU_CAPABILITY=avx2     0.545 -> 0.810, 0.588 -> 0.884, 0.532 -> 0.792
+      ATEN_CPU_CAPABILITY=avx512   0.558 -> 0.842, 0.623 -> 0.860, 0.520 -> 0.781
+    smallest rise 0.26, smallest mean of the last windows 0.83: the margins (0.12, 0.75) are about half of that."""
+    first, last = [], []
+    for seed in LEARNING_SEEDS[engine]:
+        out = tmp_path / f"seed{seed}"
+        run([sys.executable, "asyppo.py", f"max_steps={LEARNING_STEPS}", f"seed={seed}", f"output_dir={out}",
+             f"rollout.engine={engine}"])
+        rewards = [m["reward/mean"] for m in read_metrics(out)]
+        first.append(sum(rewards[:FIRST]) / FIRST)
+        last.append(sum(rewards[-LAST:]) / LAST)
+    windows = [f"seed {s}: {f:.3f} -> {l:.3f}" for s, f, l in zip(LEARNING_SEEDS[engine], first, last)]
+    print(f"learning ({engine}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'native')}):", windows)
+    assert all(l > f + MIN_RISE for f, l in zip(first, last)), windows
+    assert sum(last) / len(last) > MIN_LAST, windows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -675,7 +694,8 @@ def test_learning_reward_rises(tmp_path, engine):
 # ---------------------------------------------------------------------------------------------------------------
 @needs_vllm
 def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
-    run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", "rollout.engine=vllm", "actor.sequences_per_step=64"])
+    run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", "rollout.engine=vllm",
+         "actor.sequences_per_step=256"])  # the whole batch in one step: on-policy
     metrics = read_metrics(tmp_path)
     for m in metrics:
         assert all(k in m for k in REQUIRED)
