@@ -1113,32 +1113,69 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id):
 
 
 # =============================================================================================================
-# Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences
+# Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences.
+# Each micro-batch runs at its own width, not the batch's: `cut` drops the columns that are padding in all its rows.
 # =============================================================================================================
 def positions(attn):
     return (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0, as in generation
 
 
-def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy):
-    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L].
-    π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as is usual)."""
-    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
-    logits = logits[:, :-1].float() / temperature  # [n, L, V]: logits at position t-1 give π(o_t | s_t)
+def token_spans(attn):
+    """The columns [first, end) that hold each row's tokens, as host ints: one device-to-host copy for a whole batch,
+    so that cutting its micro-batches costs none. Example: attn [[0, 1, 1, 0], [1, 1, 1, 1]] -> [[1, 3], [0, 4]]."""
+    first, last = attn.argmax(1), attn.shape[1] - 1 - attn.flip(1).argmax(1)  # [n] each (argmax: the first maximum)
+    return torch.stack([first, last + 1], 1).tolist()
+
+
+def cut(input_ids, attn, L, spans):
+    """A micro-batch of rows [n, P+L] cut to its own span, the columns that hold a token of one of its rows (spans:
+    their token_spans): a 2,000-token response pays for 2,000 columns, not for the batch's longest 9,024. The cut
+    keeps the last prompt column (its logits give π(o_1|s_1)) and at least one response column. -> input_ids and
+    attn [n, T'], and L' <= L: the cut's response width (its last L' columns). A kept position sees the same tokens
+    at the same position ids: the columns dropped are padding, which nothing attends to.
+    attn comes back None when no padding is left (one sequence, or rows of equal spans). transformers 5.20 would
+    drop an all-ones mask too (masking_utils._ignore_causal_mask_sdpa) and SDPA then runs its causal kernel
+    (is_causal=True in integrations/sdpa_attention.py), but it decides that on the host, a device-to-host sync per
+    forward (fast_all). With no mask, leave position_ids out as well: the default 0..T'-1 are the right ones, and
+    explicit position_ids without a mask are searched for packed sequences (find_packed_sequence_indices, a sync)."""
+    P = input_ids.shape[1] - L
+    start, end = min(P - 1, min(s for s, _ in spans)), max(P + 1, max(e for _, e in spans))
+    no_padding = all(s == start and e == end for s, e in spans)
+    return input_ids[:, start:end], None if no_padding else attn[:, start:end], end - P  # [n, T'], [n, T'] | None, L'
+
+
+def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=None):
+    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L], computed
+    on the micro-batch cut to its span (spans: token_spans of these rows; computed here, one sync, when not given);
+    0 after its longest response. π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation
+    is ignored, as is usual)."""
+    input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
+    pos = None if attn is None else positions(attn)
+    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=Lc + 1).logits
+    logits = logits[:, :-1].float() / temperature  # [n, L', V]: logits at position t-1 give π(o_t | s_t)
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L]
-    return logp, entropy
+    logp = logp_all.gather(-1, input_ids[:, -Lc:, None]).squeeze(-1)  # [n, L']
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L']
+    widen = (0, L - Lc)  # back to the batch's response alignment, [n, L]
+    return F.pad(logp, widen), None if entropy is None else F.pad(entropy, widen)
 
 
-def critic_values(critic, input_ids, attn, L):
-    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs."""
-    return critic(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -L - 1:-1, 0].float()
+def critic_values(critic, input_ids, attn, L, spans=None):
+    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs (the position
+    whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 after its longest
+    response."""
+    input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
+    pos = None if attn is None else positions(attn)
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1:-1, 0].float()
+    return F.pad(values, (0, L - Lc))  # [n, L]
 
 
 @torch.no_grad()
 def micro_batched(fn, model, input_ids, attn, micro_batch_size):
-    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size])
-                     for i in range(0, len(input_ids), micro_batch_size)])
+    """fn(model, input_ids, attn, spans) -> [n, L] over micro-batches -> [N, L]."""
+    spans = token_spans(attn)  # one device-to-host copy for the whole batch
+    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size],
+                        spans[i:i + micro_batch_size]) for i in range(0, len(input_ids), micro_batch_size)])
     model.reshard()  # FSDP2 leaves the root unsharded after a forward-only pass; free it
     return out
 
@@ -1151,7 +1188,8 @@ def values_here(critics, layout, batch, micro_batch_size, M):
     values = torch.zeros(M, *mask.shape, device=mask.device)  # [M, N, L]
     for m, critic in critics.items():
         idx = my_part(torch.arange(len(mask), device=mask.device), layout.critics[m])
-        values[m, idx] = micro_batched(lambda c, i, a: critic_values(c, i, a, mask.shape[1]), critic, input_ids[idx], attn[idx], micro_batch_size)
+        values[m, idx] = micro_batched(lambda c, i, a, s: critic_values(c, i, a, mask.shape[1], s), critic,
+                                       input_ids[idx], attn[idx], micro_batch_size)
     return values
 
 
@@ -1162,12 +1200,14 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
     input_ids, attn, mask = batch
     L, A = mask.shape[1], cfg.actor
     mb_local = A.sequences_per_step // sizes.actor_dp
+    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
     stats, grad_norms = [], []
     for _ in range(cfg.algo.ppo_epochs):
         perm = torch.randperm(sizes.n_local, generator=generator)
         for mb in perm.split(mb_local):  # one optimizer step per minibatch
             for idx in mb.split(A.micro_batch_size):  # gradient accumulation
-                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature, with_entropy=True)
+                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature,
+                                               with_entropy=True, spans=[spans[i] for i in idx.tolist()])  # [n, L] each
                 loss, s = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], adv_keep[idx], entropy, ent_keep[idx],
                                       cfg.algo.clip_eps, cfg.algo.ent_coef, cfg.algo.loss_agg)
                 if inject_nan:  # debug.nan_loss_step
@@ -1190,6 +1230,7 @@ def update_critics(critics, optims, cfg, layout, batch, returns, shard):
     batch, returns, shard: the whole rollout batch (every rank has it)."""
     input_ids, attn, mask = batch
     L, C = mask.shape[1], cfg.critic
+    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
     out = {}
     for m, critic in critics.items():
         opt, sched = optims[m]
@@ -1198,7 +1239,8 @@ def update_critics(critics, optims, cfg, layout, batch, returns, shard):
         for mb in rows.split(C.sequences_per_step):  # one optimizer step per minibatch
             mine = my_part(mb, layout.critics[m])  # this rank's part of the step
             for idx in mine.split(C.micro_batch_size):  # gradient accumulation
-                loss = value_loss(critic_values(critic, input_ids[idx], attn[idx], L), returns[idx], mask[idx], cfg.algo.loss_agg)
+                values = critic_values(critic, input_ids[idx], attn[idx], L, [spans[i] for i in idx.tolist()])  # [n, L]
+                loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)
                 (loss * token_share(mask, idx, mine, cfg.algo.loss_agg)).backward()
                 losses.append(loss.item())
             grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
@@ -1611,8 +1653,8 @@ def main(argv=None):
             t0 = time.time()
             values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
             if is_actor:
-                old_logp = micro_batched(lambda m, i, am: actor_logprobs(m, i, am, L, cfg.rollout.temperature, False)[0],
-                                         actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)  # [n, L]
+                pi_old = lambda m, i, a, s: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False, s)[0]  # [n, L]
+                old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
                 engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
                 metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))  # engine vs trainer
             metrics["time/values_s"] = time.time() - t0

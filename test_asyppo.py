@@ -191,6 +191,77 @@ def test_policy_loss_token_mean_option():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Forward passes: a micro-batch cut to its own span computes what the batch's full padded width computes
+# ---------------------------------------------------------------------------------------------------------------
+def full_width(actor, critic, input_ids, attn, L, temperature):
+    """The forward passes as they were before the cut: every row at the batch's width P+L, logits for L+1 positions."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits
+    logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)
+    logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -L - 1:-1, 0].float()
+    return logp, entropy, values
+
+
+def test_micro_batches_cut_to_their_span_match_the_full_width():
+    from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    actor = Qwen3ForCausalLM(asyppo.tiny_config("actor"))
+    critic_config = asyppo.tiny_config("critic")
+    critic_config.num_labels, critic_config.classifier_dropout = 1, 0.0
+    critic = AutoModelForTokenClassification.from_config(critic_config)
+    # rows as share_rollout makes them, [prompt (left-padded to P) | response (right-padded to L)]; lengths far apart
+    prompt_lens, response_lens = [2, 9, 4, 1, 6], [1, 40, 6, 17, 40]
+    P, L = max(prompt_lens), max(response_lens)
+    input_ids, attn = torch.zeros(5, P + L, dtype=torch.long), torch.zeros(5, P + L, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        input_ids[i, P - p:P + r] = torch.randint(3, 99, (p + r,))
+        attn[i, P - p:P + r] = 1
+    mask = attn[:, P:].float()  # [5, L]
+    spans = asyppo.token_spans(attn)
+    assert spans[0] == [P - 2, P + 1] and spans[1] == [0, P + 40]
+    ids, a, Lc = asyppo.cut(input_ids[:1], attn[:1], L, spans[:1])
+    assert ids.shape == (1, 3) and a is None and Lc == 1  # one sequence: 3 columns of 49, no mask (SDPA: causal kernel)
+    ids, a, Lc = asyppo.cut(input_ids[2:4], attn[2:4], L, spans[2:4])
+    assert ids.shape == (2, 4 + 17) and a is not None and Lc == 17
+    # the same log-probs, entropies and values, at the batch's [n, L] alignment, for any micro-batch size
+    with torch.no_grad():
+        old_logp, old_entropy, old_values = full_width(actor, critic, input_ids, attn, L, 0.7)
+        for mb in (1, 2, 5):
+            parts = [(*asyppo.actor_logprobs(actor, input_ids[i:i + mb], attn[i:i + mb], L, 0.7, True, spans[i:i + mb]),
+                      asyppo.critic_values(critic, input_ids[i:i + mb], attn[i:i + mb], L, spans[i:i + mb]))
+                     for i in range(0, 5, mb)]
+            logp, entropy, values = (torch.cat(x) for x in zip(*parts))  # [5, L] each
+            assert logp.shape == entropy.shape == values.shape == (5, L)
+            for new, old in ((logp, old_logp), (entropy, old_entropy), (values, old_values)):
+                assert approx(new * mask, old * mask), (mb, ((new - old) * mask).abs().max())
+    # the same policy and value losses and the same gradients, one sequence per micro-batch (the paper preset's)
+    adv, returns = torch.randn(5, L), torch.rand(5, L)
+    adv_keep, ent_keep = (torch.rand(5, L) > 0.2).float() * mask, (torch.rand(5, L) > 0.2).float() * mask
+    behaviour = old_logp + 0.1 * torch.randn(5, L)  # π_old: off-policy, so that some ratios are clipped
+    grads, losses = {}, {}
+    for path in ("full", "cut"):
+        actor.zero_grad(), critic.zero_grad()
+        losses[path] = []
+        for i in range(5):
+            row = slice(i, i + 1)
+            if path == "full":
+                logp, entropy, values = full_width(actor, critic, input_ids[row], attn[row], L, 0.7)
+            else:
+                logp, entropy = asyppo.actor_logprobs(actor, input_ids[row], attn[row], L, 0.7, True, spans[row])
+                values = asyppo.critic_values(critic, input_ids[row], attn[row], L, spans[row])
+            pl, _ = policy_loss(logp, behaviour[row], adv[row], mask[row], adv_keep[row], entropy, ent_keep[row],
+                                0.2, 0.01)
+            vl = value_loss(values, returns[row], mask[row])
+            ((pl + vl) / 5).backward()
+            losses[path] += [pl.item(), vl.item()]
+        grads[path] = [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()]]
+    assert approx(losses["cut"], losses["full"])
+    assert all(approx(g, h) for g, h in zip(grads["cut"], grads["full"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Reward
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("response,answer,expected", [
