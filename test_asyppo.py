@@ -55,6 +55,32 @@ def test_gae_gamma_lambda_one_is_reward_minus_value():
     assert approx(ret, [[1.0, 1.0, 1.0, 0.0]])  # the critic target is the sequence reward on every token
 
 
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The textbook reversed loop, one step per token, that gae computes in log2(L) vectorised steps."""
+    values, rewards = values * mask, rewards * mask
+    advantages, last, L = torch.zeros_like(values), torch.zeros_like(values[:, 0]), values.shape[1]
+    for t in reversed(range(L)):
+        next_value = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        last = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+@pytest.mark.parametrize("seed,L", [(0, 1), (1, 2), (2, 7), (3, 64), (4, 300), (5, 8000)])
+def test_gae_vectorised_equals_the_loop(seed, L):
+    g = torch.Generator().manual_seed(seed)
+    gamma, lam = (1.0, 1.0) if seed == 0 else (0.9 + 0.1 * torch.rand(2, generator=g)).tolist()
+    lengths = torch.randint(1, L + 1, (6,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).float()  # [6, L]: a prefix of each row
+    rewards, values = torch.randn(6, L, generator=g), torch.rand(6, L, generator=g)  # a reward on every token
+    for (gam, la) in ((gamma, lam), (1.0, 1.0), (0.95, 0.95)):  # at L = 8000, 0.9025^L underflows float32 (and float64)
+        adv, ret = gae(rewards, values, mask, gam, la)
+        loop_adv, loop_ret = gae_loop(rewards, values, mask, gam, la)
+        scale = loop_adv.abs().max().item() + 1  # sums of up to 8000 terms: compare relative to their size
+        assert torch.allclose(adv, loop_adv, atol=1e-5 * scale) and torch.allclose(ret, loop_ret, atol=1e-5 * scale)
+        assert torch.isfinite(adv).all() and (adv[mask == 0] == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Eq. 2, whitening, GRPO
 # ---------------------------------------------------------------------------------------------------------------
