@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -1247,9 +1246,9 @@ def update_critics(critics, optims, cfg, layout, batch, returns, shard):
                 values = critic_values(critic, input_ids[idx], attn[idx], L, [spans[i] for i in idx.tolist()])  # [n, L]
                 loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)
                 (loss * token_share(mask, idx, mine, cfg.algo.loss_agg)).backward()
-                losses.append(loss.item())
+                losses.append(loss.detach())  # on the device: one copy to the host per critic, below
             grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
-        out[f"critic{m}/value_loss"] = float(np.mean(losses))
+        out[f"critic{m}/value_loss"] = float(torch.stack(losses).mean())
         out[f"critic{m}/skipped_steps"] = sum(g is None for g in grad_norms)
         out[f"critic{m}/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     return out
@@ -1367,15 +1366,23 @@ def merge_over_ranks(metrics, spans):
 
 
 def digest(*tensors):
-    return hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()[:12]
+    """A fingerprint of each tensor, computed where it lives (nothing is copied to the host): Σ_i w_i x_i in float64
+    with weights that differ by position, w_i = sin(i + 1), so that moving a value changes it too. -> [len(tensors)]."""
+    sums = []
+    for t in tensors:
+        w = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()  # [numel] position weights
+        sums.append((t.detach().flatten().double() * w).sum())
+    return torch.stack(sums)  # [len(tensors)] float64
 
 
 def check_ranks_agree(what, value):
-    """Stop if ranks computed different values for something that must be identical everywhere."""
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, value)
-    if any(s != seen[0] for s in seen):
-        raise RuntimeError(f"ranks disagree on {what}: {seen}")
+    """Stop if ranks computed different values for something that must be identical everywhere. value: a float64
+    tensor of the same shape on every rank (a digest): one all_gather, one copy to the host, compared bit for bit."""
+    seen = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(seen, value)
+    bits = torch.stack(seen).view(torch.int64)  # [world, ...]: bit for bit (a NaN equals itself)
+    if not bool((bits == bits[0]).all()):
+        raise RuntimeError(f"ranks disagree on {what}: {torch.stack(seen).tolist()}")
 
 
 def say(line):
@@ -1748,7 +1755,8 @@ def main(argv=None):
 
     if not interrupted:
         export_all(actor, critics, layout, tokenizer, out_dir / "final")
-    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+    masks_digest = digest(adv_keep, ent_keep).cpu().numpy().tobytes().hex()  # 32 hex digits
+    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
         f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB")
     if metrics_file:
         metrics_file.close()
@@ -1794,9 +1802,9 @@ def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
     entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
     valid = mask.bool()
     for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)), ("ent_filtered", valid & (ent_keep == 0))):
-        for tok, n in zip(*torch.unique(tokens[selected], return_counts=True)):
-            text = tokenizer.convert_ids_to_tokens(int(tok))
-            counts[key][text] = counts[key].get(text, 0) + int(n)
+        ids, n = torch.stack(torch.unique(tokens[selected], return_counts=True)).tolist()  # one copy to the host
+        for text, k in zip(tokenizer.convert_ids_to_tokens(ids), n):
+            counts[key][text] = counts[key].get(text, 0) + k
 
 
 def write_diagnostics(path, step, counts, top=20):

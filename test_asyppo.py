@@ -287,6 +287,23 @@ def test_micro_batches_cut_to_their_span_match_the_full_width():
     assert all(approx(g, h) for g, h in zip(grads["cut"], grads["full"]))
 
 
+def test_masked_token_counts_and_digest():
+    tokenizer = asyppo.tiny_tokenizer()
+    tokens = torch.tensor([[10, 11, 10, 0], [11, 11, 12, 10]])  # [2, 4]; the 0 is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv_keep = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    ent_keep = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}
+    asyppo.count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep)
+    t = tokenizer.convert_ids_to_tokens
+    assert counts == {"seen": {t(10): 3, t(11): 3, t(12): 1}, "adv_masked": {t(10): 2, t(11): 1},
+                      "ent_filtered": {t(12): 1}}
+    # the digest the ranks compare: computed on the device, the same for equal tensors, changed by moving a value
+    d = asyppo.digest(adv_keep, ent_keep)
+    assert d.dtype == torch.float64 and d.shape == (2,) and torch.equal(d, asyppo.digest(adv_keep.clone(), ent_keep))
+    assert asyppo.digest(adv_keep.flatten().roll(1).view(2, 4), ent_keep)[0] != d[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reward
 # ---------------------------------------------------------------------------------------------------------------
