@@ -1411,21 +1411,28 @@ def load_eval_sets(cfg, tokenizer):
 
 def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_group):
     """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards, on the
-    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ...); counts
-    are summed over them."""
+    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ... of every
+    set); each rank generates for all its problems of all sets in one call; counts are summed over the ranks."""
     e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
     sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
-    metrics = {}
-    for name, (prompts, answers) in eval_sets.items():
-        mine = list(range(rank, len(prompts), world))
-        correct = 0.0
-        if mine:
-            responses, _ = engine.generate([prompts[i] for i in mine], e.k, seed=cfg.seed + 7919 * step + rank, **sampling)
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(rewarder.score(texts, [answers[mine[j // e.k]] for j in range(len(texts))])[0])
-        counts = torch.tensor([correct, len(mine) * e.k], dtype=torch.float64, device=device)
-        dist.all_reduce(counts, group=actor_group)
-        metrics[f"eval/{name}/avg@{e.k}"] = float(counts[0] / counts[1])
+    prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
+    for set_prompts, set_answers in eval_sets.values():
+        mine = range(rank, len(set_prompts), world)
+        prompts += [set_prompts[i] for i in mine]
+        answers += [set_answers[i] for i in mine]
+        sizes.append(len(mine))
+    correct = [0.0] * len(sizes)
+    if prompts:
+        responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
+        start = 0
+        for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
+            correct[s] = sum(scores[start:start + n * e.k])
+            start += n * e.k
+    counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, group=actor_group)  # [sets, 2]: one all_reduce for all sets
+    metrics = {f"eval/{name}/avg@{e.k}": c / n for name, (c, n) in zip(eval_sets, counts.tolist())}
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
     return metrics
