@@ -896,26 +896,30 @@ def make_optimizer(model, o):
     return opt, sched
 
 
-def full_tensors(model):
+def full_tensors(model, dtype=None):
     """Stream (name, full tensor) out of an FSDP2 model one tensor at a time: never a whole second copy in memory.
+    dtype: cast each shard first, so the gather moves that dtype (bfloat16: half the bytes of the float32 masters).
     Collective: every rank must iterate it in the same order."""
     for name, t in model.state_dict().items():
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def export_hf(model, tokenizer, path, writer):
+def export_hf(model, tokenizer, path, writer, dtype):
     """A directory that loads with transformers' from_pretrained (config, generation config, safetensors weights,
     tokenizer), written by `writer`, the first of the model's ranks, from full tensors gathered one at a time
-    (collective over the model's ranks). Written by hand: save_pretrained writes only on global rank 0, and in the
-    split placement the critics live elsewhere."""
+    (collective over the model's ranks), in `dtype` (model.param_dtype: the training compute dtype, not the float32
+    masters). Written by hand: save_pretrained writes only on global rank 0, and in the split placement the critics
+    live elsewhere."""
     tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()  # e.g. lm_head.weight
     sd = {}
-    for name, t in full_tensors(model):  # every rank of the model takes part in every gather
+    for name, t in full_tensors(model, dtype):  # every rank of the model takes part in every gather
         if writer and name not in tied:
             sd[name] = t.cpu()
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+        model.config.dtype = dtype  # the dtype from_pretrained(dtype="auto") loads
         model.config.save_pretrained(path)
         if model.can_generate():
             model.generation_config.save_pretrained(path)
@@ -1761,7 +1765,7 @@ def main(argv=None):
                  f"set on_nonfinite=skip to skip such updates instead")
 
     if not interrupted:
-        export_all(actor, critics, layout, tokenizer, out_dir / "final")
+        export_all(actor, critics, layout, tokenizer, out_dir / "final", getattr(torch, cfg.model.param_dtype))
     masks_digest = digest(adv_keep, ent_keep).cpu().numpy().tobytes().hex()  # 32 hex digits
     say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
         f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {peak_memory_gb(device):.2f} GB")
@@ -1824,12 +1828,12 @@ def write_diagnostics(path, step, counts, top=20):
         f.write(json.dumps(line) + "\n")
 
 
-def export_all(actor, critics, layout, tokenizer, path):
-    """final/actor and final/critic{m}, each written by the first of the model's ranks."""
+def export_all(actor, critics, layout, tokenizer, path, dtype):
+    """final/actor and final/critic{m} in `dtype`, each written by the first of the model's ranks."""
     if actor is not None:
-        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0])
+        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0], dtype)
     for m, critic in critics.items():
-        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0])
+        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0], dtype)
 
 
 if __name__ == "__main__":

@@ -485,6 +485,18 @@ def test_exported_models_reload_and_generate(single_run):
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, actor.model.layers[0].mlp.up_proj.weight)
 
 
+def test_export_writes_the_compute_dtype(tmp_path):
+    """model.param_dtype=bfloat16: final/ holds bfloat16 weights (the float32 masters are the optimizer's), and they
+    load as bfloat16. (The tiny preset's float32 export is what the other tests compare bit for bit.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification
+    run([sys.executable, "asyppo.py", "max_steps=1", f"output_dir={tmp_path}", "model.param_dtype=bfloat16",
+         "model.tiny_warm_start_steps=1", "rollout.sync_check_tol=1"])
+    for name in ("actor", "critic0", "critic1"):
+        assert {t.dtype for t in load_file(tmp_path / "final" / name / "model.safetensors").values()} == {torch.bfloat16}
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "final" / "critic0").dtype == torch.bfloat16
+
+
 def test_script_jsonl_data(tmp_path):
     rows = [{"question": f"{a}+{b}=", "final_answer": str(a + b)} for a in range(10) for b in range(3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
