@@ -1137,10 +1137,10 @@ def token_spans(attn):
 
 def cut(input_ids, attn, L, spans):
     """A micro-batch of rows [n, P+L] cut to its own span, the columns that hold a token of one of its rows (spans:
-    their token_spans): a 2,000-token response pays for 2,000 columns, not for the batch's longest 9,024. The cut
-    keeps the last prompt column (its logits give π(o_1|s_1)) and at least one response column. -> input_ids and
-    attn [n, T'], and L' <= L: the cut's response width (its last L' columns). A kept position sees the same tokens
-    at the same position ids: the columns dropped are padding, which nothing attends to.
+    their token_spans): a sequence with a 2,000-token response pays for its own prompt and response, not for the
+    batch's 9,024 columns. The cut keeps the last prompt column (its logits give π(o_1|s_1)) and at least one response
+    column. -> input_ids and attn [n, T'], and L' <= L: the cut's response width (its last L' columns). A kept
+    position sees the same tokens at the same position ids: the columns dropped are padding, which nothing attends to.
     attn comes back None when no padding is left (one sequence, or rows of equal spans). transformers 5.20 would
     drop an all-ones mask too (masking_utils._ignore_causal_mask_sdpa) and SDPA then runs its causal kernel
     (is_causal=True in integrations/sdpa_attention.py), but it decides that on the host, a device-to-host sync per
