@@ -1152,11 +1152,21 @@ def cut(input_ids, attn, L, spans):
     return input_ids[:, start:end], None if no_padding else attn[:, start:end], end - P  # [n, T'], [n, T'] | None, L'
 
 
+def widen(x, attn, L):
+    """Outputs [n, L'] of a cut micro-batch (attn: its mask, or None) -> [n, L], the batch's response alignment, 0 on
+    every padding position. What the model says at a pad token is noise, and noise that differs with the micro-batch
+    a row was cut with: a pad token's log-prob of −100 in π_old against 0 in the update is a ratio of e^100 = inf,
+    and inf · 0 (the mask) is NaN in the loss. Zeros make every padding ratio exactly 1."""
+    if attn is not None:
+        x = x * attn[:, -x.shape[1]:]  # [n, L']: 0 on response padding
+    return F.pad(x, (0, L - x.shape[1]))  # [n, L]: 0 after the micro-batch's longest response
+
+
 def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=None):
     """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L], computed
     on the micro-batch cut to its span (spans: token_spans of these rows; computed here, one sync, when not given);
-    0 after its longest response. π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation
-    is ignored, as is usual)."""
+    0 on padding. π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as
+    is usual)."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
     logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=Lc + 1).logits
@@ -1164,18 +1174,16 @@ def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=N
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, input_ids[:, -Lc:, None]).squeeze(-1)  # [n, L']
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L']
-    widen = (0, L - Lc)  # back to the batch's response alignment, [n, L]
-    return F.pad(logp, widen), None if entropy is None else F.pad(entropy, widen)
+    return widen(logp, attn, L), None if entropy is None else widen(entropy, attn, L)  # [n, L] each
 
 
 def critic_values(critic, input_ids, attn, L, spans=None):
     """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs (the position
-    whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 after its longest
-    response."""
+    whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 on padding."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
     values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1:-1, 0].float()
-    return F.pad(values, (0, L - Lc))  # [n, L]
+    return widen(values, attn, L)  # [n, L]
 
 
 @torch.no_grad()
@@ -1224,7 +1232,7 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
                 stats.append(s)
             grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm, cfg.on_nonfinite))
     out = {f"losses/{k}": float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0] if k != "ratio_max"}
-    out["losses/ratio_max"] = max(float(s["ratio_max"]) for s in stats)
+    out["losses/ratio_max"] = float(torch.stack([s["ratio_max"] for s in stats]).max())  # one sync, all micro-batches
     out["actor/skipped_steps"] = sum(g is None for g in grad_norms)
     out["actor/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     out["actor/lr"] = sched.get_last_lr()[0]

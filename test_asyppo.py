@@ -262,6 +262,7 @@ def test_micro_batches_cut_to_their_span_match_the_full_width():
             assert logp.shape == entropy.shape == values.shape == (5, L)
             for new, old in ((logp, old_logp), (entropy, old_entropy), (values, old_values)):
                 assert approx(new * mask, old * mask), (mb, ((new - old) * mask).abs().max())
+                assert (new[mask == 0] == 0).all()  # padding reads 0 in every pass, whatever its micro-batch
     # the same policy and value losses and the same gradients, one sequence per micro-batch (the paper preset's)
     adv, returns = torch.randn(5, L), torch.rand(5, L)
     adv_keep, ent_keep = (torch.rand(5, L) > 0.2).float() * mask, (torch.rand(5, L) > 0.2).float() * mask
