@@ -1444,7 +1444,8 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_gr
             start += n * e.k
     counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=device)
     dist.all_reduce(counts, group=actor_group)  # [sets, 2]: one all_reduce for all sets
-    metrics = {f"eval/{name}/avg@{e.k}": c / n for name, (c, n) in zip(eval_sets, counts.tolist())}
+    metrics = {f"eval/{name}/avg@{e.k}": c / n if n else float("nan")  # an empty set: nan, as before
+               for name, (c, n) in zip(eval_sets, counts.tolist())}
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
     return metrics
