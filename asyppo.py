@@ -509,15 +509,19 @@ def gae(rewards, values, mask, gamma, lam):
       last = 0
       for t in reversed(range(L)):
           last = (δ_t + γλ · last) · mask_t;  Â_t = last
-    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k in log2(L) vectorised steps (with γλ = 1, a reversed cumulative
-    sum). No power of γλ is ever divided by, so nothing overflows; the ones that underflow to 0 weigh nothing."""
+    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k vectorised: with γλ = 1 (the paper's) a reversed cumulative sum;
+    otherwise in log2(L) doubling steps, where no power of γλ is ever divided by, so nothing overflows at L = 8,000
+    (the powers that underflow to 0 weigh nothing). Rescaling a cumsum by (γλ)^−t would overflow there."""
     values, rewards = values * mask, rewards * mask
     next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
     adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
-    span = 1  # adv_t holds Σ (γλ)^(k−t) δ_k over k in [t, t + span): doubling the span until it covers the row
-    while span < adv.shape[1]:
-        adv = adv + (gamma * lam) ** span * F.pad(adv[:, span:], (0, span))  # [t, t+span) + [t+span, t+2·span)
-        span *= 2
+    if gamma * lam == 1:  # the paper's γ = λ = 1: Σ_{k≥t} δ_k, a reversed cumulative sum
+        adv = adv.flip(-1).cumsum(-1).flip(-1)
+    else:  # adv_t holds Σ (γλ)^(k−t) δ_k over k in [t, t + span); the span doubles until it covers the row
+        span = 1
+        while span < adv.shape[1]:
+            adv = adv + (gamma * lam) ** span * F.pad(adv[:, span:], (0, span))  # [t, t+span) + [t+span, t+2·span)
+            span *= 2
     adv = adv * mask
     return adv, adv + values  # critic target R_t = Â_t + V̄(s_t), before whitening
 
