@@ -29,7 +29,6 @@ import ast
 import dataclasses
 import datetime
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -532,17 +531,26 @@ def gae(rewards, values, mask, gamma, lam):
     """Eq. 3: generalized advantage estimation, https://arxiv.org/abs/1506.02438. Returns (advantages, returns), [N, L].
     The value after the last valid token is 0; padded positions come out 0.
     Worked example, one sequence of 2 tokens, reward 1 on the last, γ = λ = 1, V = [0.3, 0.6]:
-      δ = [0 + 0.6 − 0.3, 1 + 0 − 0.6] = [0.3, 0.4];  Â = [0.7, 0.4] = R − V;  returns = Â + V = [1, 1]."""
+      δ = [0 + 0.6 − 0.3, 1 + 0 − 0.6] = [0.3, 0.4];  Â = [0.7, 0.4] = R − V;  returns = Â + V = [1, 1].
+    Â_t = δ_t + γλ Â_{t+1} is the textbook reversed loop, one step per token (≈ 7 kernels each, 56,000 at L = 8,000):
+      last = 0
+      for t in reversed(range(L)):
+          last = (δ_t + γλ · last) · mask_t;  Â_t = last
+    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k vectorised: with γλ = 1 (the paper's) a reversed cumulative sum;
+    otherwise in log2(L) doubling steps, where no power of γλ is ever divided by, so nothing overflows at L = 8,000
+    (the powers that underflow to 0 weigh nothing). Rescaling a cumsum by (γλ)^−t would overflow there."""
     values, rewards = values * mask, rewards * mask
-    advantages = torch.zeros_like(values)
-    last = torch.zeros_like(values[:, 0])
-    L = values.shape[1]
-    for t in reversed(range(L)):
-        next_value = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
-    return advantages, advantages + values  # critic target R_t = Â_t + V̄(s_t), before whitening
+    next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
+    adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
+    if gamma * lam == 1:  # the paper's γ = λ = 1: Σ_{k≥t} δ_k, a reversed cumulative sum
+        adv = adv.flip(-1).cumsum(-1).flip(-1)
+    else:  # adv_t holds Σ (γλ)^(k−t) δ_k over k in [t, t + span); the span doubles until it covers the row
+        span = 1
+        while span < adv.shape[1]:
+            adv = adv + (gamma * lam) ** span * F.pad(adv[:, span:], (0, span))  # [t, t+span) + [t+span, t+2·span)
+            span *= 2
+    adv = adv * mask
+    return adv, adv + values  # critic target R_t = Â_t + V̄(s_t), before whitening
 
 
 def grpo_advantages(rewards, group_size, mask, eps=1e-6):
@@ -989,26 +997,30 @@ def make_optimizer(model, o):
     return opt, sched
 
 
-def full_tensors(model):
+def full_tensors(model, dtype=None):
     """Stream (name, full tensor) out of an FSDP2 model one tensor at a time: never a whole second copy in memory.
+    dtype: cast each shard first, so the gather moves that dtype (bfloat16: half the bytes of the float32 masters).
     Collective: every rank must iterate it in the same order."""
     for name, t in model.state_dict().items():
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def export_hf(model, tokenizer, path, writer):
+def export_hf(model, tokenizer, path, writer, dtype):
     """A directory that loads with transformers' from_pretrained (config, generation config, safetensors weights,
     tokenizer), written by `writer`, the first of the model's ranks, from full tensors gathered one at a time
-    (collective over the model's ranks). Written by hand: save_pretrained writes only on global rank 0, and in the
-    split placement the critics live elsewhere."""
+    (collective over the model's ranks), in `dtype` (model.param_dtype: the training compute dtype, not the float32
+    masters). Written by hand: save_pretrained writes only on global rank 0, and in the split placement the critics
+    live elsewhere."""
     tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()  # e.g. lm_head.weight
     sd = {}
-    for name, t in full_tensors(model):  # every rank of the model takes part in every gather
+    for name, t in full_tensors(model, dtype):  # every rank of the model takes part in every gather
         if writer and name not in tied:
             sd[name] = t.cpu()
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+        model.config.dtype = dtype  # the dtype from_pretrained(dtype="auto") loads
         model.config.save_pretrained(path)
         if model.can_generate():
             model.generation_config.save_pretrained(path)
@@ -1096,7 +1108,7 @@ class HFEngine(RolloutEngine):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
                                                           trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
-        self.device, self.stop_ids, self.pad_id = device, stop_ids, pad_id
+        self.device, self.stop_ids, self.pad_id, self.dtype = device, stop_ids, pad_id, self.model.dtype
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
         # otherwise change the sampler behind our back and π_old would no longer be what was sampled
         r = cfg.rollout
@@ -1340,32 +1352,77 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_siz
 
 
 # =============================================================================================================
-# Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences
+# Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences.
+# Each micro-batch runs at its own width, not the batch's: `cut` drops the columns that are padding in all its rows.
 # =============================================================================================================
 def positions(attn):
     return (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0, as in generation
 
 
-def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy):
-    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L].
-    π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as is usual)."""
-    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
-    logits = logits[:, :-1].float() / temperature  # [n, L, V]: logits at position t-1 give π(o_t | s_t)
+def token_spans(attn):
+    """The columns [first, end) that hold each row's tokens, as host ints: one device-to-host copy for a whole batch,
+    so that cutting its micro-batches costs none. Example: attn [[0, 1, 1, 0], [1, 1, 1, 1]] -> [[1, 3], [0, 4]]."""
+    first, last = attn.argmax(1), attn.shape[1] - 1 - attn.flip(1).argmax(1)  # [n] each (argmax: the first maximum)
+    return torch.stack([first, last + 1], 1).tolist()
+
+
+def cut(input_ids, attn, L, spans):
+    """A micro-batch of rows [n, P+L] cut to its own span, the columns that hold a token of one of its rows (spans:
+    their token_spans): a sequence with a 2,000-token response pays for its own prompt and response, not for the
+    batch's 9,024 columns. The cut keeps the last prompt column (its logits give π(o_1|s_1)) and at least one response
+    column. -> input_ids and attn [n, T'], and L' <= L: the cut's response width (its last L' columns). A kept
+    position sees the same tokens at the same position ids: the columns dropped are padding, which nothing attends to.
+    attn comes back None when no padding is left (one sequence, or rows of equal spans). transformers 5.20 would
+    drop an all-ones mask too (masking_utils._ignore_causal_mask_sdpa) and SDPA then runs its causal kernel
+    (is_causal=True in integrations/sdpa_attention.py), but it decides that on the host, a device-to-host sync per
+    forward (fast_all). With no mask, leave position_ids out as well: the default 0..T'-1 are the right ones, and
+    explicit position_ids without a mask are searched for packed sequences (find_packed_sequence_indices, a sync)."""
+    P = input_ids.shape[1] - L
+    start, end = min(P - 1, min(s for s, _ in spans)), max(P + 1, max(e for _, e in spans))
+    no_padding = all(s == start and e == end for s, e in spans)
+    return input_ids[:, start:end], None if no_padding else attn[:, start:end], end - P  # [n, T'], [n, T'] | None, L'
+
+
+def widen(x, attn, L):
+    """Outputs [n, L'] of a cut micro-batch (attn: its mask, or None) -> [n, L], the batch's response alignment, 0 on
+    every padding position. What the model says at a pad token is noise, and noise that differs with the micro-batch
+    a row was cut with: a pad token's log-prob of −100 in π_old against 0 in the update is a ratio of e^100 = inf,
+    and inf · 0 (the mask) is NaN in the loss. Zeros make every padding ratio exactly 1."""
+    if attn is not None:
+        x = x * attn[:, -x.shape[1]:]  # [n, L']: 0 on response padding
+    return F.pad(x, (0, L - x.shape[1]))  # [n, L]: 0 after the micro-batch's longest response
+
+
+def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=None):
+    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L], computed
+    on the micro-batch cut to its span (spans: token_spans of these rows; computed here, one sync, when not given);
+    0 on padding. π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as
+    is usual)."""
+    input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
+    pos = None if attn is None else positions(attn)
+    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=Lc + 1).logits
+    logits = logits[:, :-1].float() / temperature  # [n, L', V]: logits at position t-1 give π(o_t | s_t)
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L]
-    return logp, entropy
+    logp = logp_all.gather(-1, input_ids[:, -Lc:, None]).squeeze(-1)  # [n, L']
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L']
+    return widen(logp, attn, L), None if entropy is None else widen(entropy, attn, L)  # [n, L] each
 
 
-def critic_values(critic, input_ids, attn, L):
-    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs."""
-    return critic(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -L - 1:-1, 0].float()
+def critic_values(critic, input_ids, attn, L, spans=None):
+    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs (the position
+    whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 on padding."""
+    input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
+    pos = None if attn is None else positions(attn)
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1:-1, 0].float()
+    return widen(values, attn, L)  # [n, L]
 
 
 @torch.no_grad()
 def micro_batched(fn, model, input_ids, attn, micro_batch_size):
-    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size])
-                     for i in range(0, len(input_ids), micro_batch_size)])
+    """fn(model, input_ids, attn, spans) -> [n, L] over micro-batches -> [N, L]."""
+    spans = token_spans(attn)  # one device-to-host copy for the whole batch
+    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size],
+                        spans[i:i + micro_batch_size]) for i in range(0, len(input_ids), micro_batch_size)])
     model.reshard()  # FSDP2 leaves the root unsharded after a forward-only pass; free it
     return out
 
@@ -1378,7 +1435,8 @@ def values_here(critics, layout, batch, micro_batch_size, M):
     values = torch.zeros(M, *mask.shape, device=mask.device)  # [M, N, L]
     for m, critic in critics.items():
         idx = my_part(torch.arange(len(mask), device=mask.device), layout.critics[m])
-        values[m, idx] = micro_batched(lambda c, i, a: critic_values(c, i, a, mask.shape[1]), critic, input_ids[idx], attn[idx], micro_batch_size)
+        values[m, idx] = micro_batched(lambda c, i, a, s: critic_values(c, i, a, mask.shape[1], s), critic,
+                                       input_ids[idx], attn[idx], micro_batch_size)
     return values
 
 
@@ -1389,12 +1447,14 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
     input_ids, attn, mask = batch
     L, A = mask.shape[1], cfg.actor
     mb_local = A.sequences_per_step // sizes.actor_dp
+    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
     stats, grad_norms = [], []
     for _ in range(cfg.algo.ppo_epochs):
         perm = torch.randperm(sizes.n_local, generator=generator)
         for mb in perm.split(mb_local):  # one optimizer step per minibatch
             for idx in mb.split(A.micro_batch_size):  # gradient accumulation
-                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature, with_entropy=True)
+                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature,
+                                               with_entropy=True, spans=[spans[i] for i in idx.tolist()])  # [n, L] each
                 loss, s = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], adv_keep[idx], entropy, ent_keep[idx],
                                       cfg.algo.clip_eps, cfg.algo.ent_coef, cfg.algo.loss_agg)
                 if inject_nan:  # debug.nan_loss_step
@@ -1403,7 +1463,7 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
                 stats.append(s)
             grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm, cfg.on_nonfinite))
     out = {f"losses/{k}": float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0] if k != "ratio_max"}
-    out["losses/ratio_max"] = max(float(s["ratio_max"]) for s in stats)
+    out["losses/ratio_max"] = float(torch.stack([s["ratio_max"] for s in stats]).max())  # one sync, all micro-batches
     out["actor/skipped_steps"] = sum(g is None for g in grad_norms)
     out["actor/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     out["actor/lr"] = sched.get_last_lr()[0]
@@ -1417,6 +1477,7 @@ def update_critics(critics, optims, cfg, layout, batch, returns, shard):
     batch, returns, shard: the whole rollout batch (every rank has it)."""
     input_ids, attn, mask = batch
     L, C = mask.shape[1], cfg.critic
+    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
     out = {}
     for m, critic in critics.items():
         opt, sched = optims[m]
@@ -1425,11 +1486,12 @@ def update_critics(critics, optims, cfg, layout, batch, returns, shard):
         for mb in rows.split(C.sequences_per_step):  # one optimizer step per minibatch
             mine = my_part(mb, layout.critics[m])  # this rank's part of the step
             for idx in mine.split(C.micro_batch_size):  # gradient accumulation
-                loss = value_loss(critic_values(critic, input_ids[idx], attn[idx], L), returns[idx], mask[idx], cfg.algo.loss_agg)
+                values = critic_values(critic, input_ids[idx], attn[idx], L, [spans[i] for i in idx.tolist()])  # [n, L]
+                loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)
                 (loss * token_share(mask, idx, mine, cfg.algo.loss_agg)).backward()
-                losses.append(loss.item())
+                losses.append(loss.detach())  # on the device: one copy to the host per critic, below
             grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
-        out[f"critic{m}/value_loss"] = float(np.mean(losses))
+        out[f"critic{m}/value_loss"] = float(torch.stack(losses).mean())
         out[f"critic{m}/skipped_steps"] = sum(g is None for g in grad_norms)
         out[f"critic{m}/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
     return out
@@ -1547,15 +1609,23 @@ def merge_over_ranks(metrics, spans):
 
 
 def digest(*tensors):
-    return hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in tensors)).hexdigest()[:12]
+    """A fingerprint of each tensor, computed where it lives (nothing is copied to the host): Σ_i w_i x_i in float64
+    with weights that differ by position, w_i = sin(i + 1), so that moving a value changes it too. -> [len(tensors)]."""
+    sums = []
+    for t in tensors:
+        w = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()  # [numel] position weights
+        sums.append((t.detach().flatten().double() * w).sum())
+    return torch.stack(sums)  # [len(tensors)] float64
 
 
 def check_ranks_agree(what, value):
-    """Stop if ranks computed different values for something that must be identical everywhere."""
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, value)
-    if any(s != seen[0] for s in seen):
-        raise RuntimeError(f"ranks disagree on {what}: {seen}")
+    """Stop if ranks computed different values for something that must be identical everywhere. value: a float64
+    tensor of the same shape on every rank (a digest): one all_gather, one copy to the host, compared bit for bit."""
+    seen = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(seen, value)
+    bits = torch.stack(seen).view(torch.int64)  # [world, ...]: bit for bit (a NaN equals itself)
+    if not bool((bits == bits[0]).all()):
+        raise RuntimeError(f"ranks disagree on {what}: {torch.stack(seen).tolist()}")
 
 
 def say(line):
@@ -1596,21 +1666,29 @@ def load_eval_sets(cfg, tokenizer):
 
 def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_group):
     """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards, on the
-    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ...); counts
-    are summed over them."""
+    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ... of every
+    set); each rank generates for all its problems of all sets in one call; counts are summed over the ranks."""
     e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
     sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
-    metrics = {}
-    for name, (prompts, answers) in eval_sets.items():
-        mine = list(range(rank, len(prompts), world))
-        correct = 0.0
-        if mine:
-            responses, _ = engine.generate([prompts[i] for i in mine], e.k, seed=cfg.seed + 7919 * step + rank, **sampling)
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            correct = sum(rewarder.score(texts, [answers[mine[j // e.k]] for j in range(len(texts))])[0])
-        counts = torch.tensor([correct, len(mine) * e.k], dtype=torch.float64, device=device)
-        dist.all_reduce(counts, group=actor_group)
-        metrics[f"eval/{name}/avg@{e.k}"] = float(counts[0] / counts[1])
+    prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
+    for set_prompts, set_answers in eval_sets.values():
+        mine = range(rank, len(set_prompts), world)
+        prompts += [set_prompts[i] for i in mine]
+        answers += [set_answers[i] for i in mine]
+        sizes.append(len(mine))
+    correct = [0.0] * len(sizes)
+    if prompts:
+        responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
+        start = 0
+        for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
+            correct[s] = sum(scores[start:start + n * e.k])
+            start += n * e.k
+    counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, group=actor_group)  # [sets, 2]: one all_reduce for all sets
+    metrics = {f"eval/{name}/avg@{e.k}": c / n if n else float("nan")  # an empty set: nan, as before
+               for name, (c, n) in zip(eval_sets, counts.tolist())}
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
     return metrics
@@ -1801,7 +1879,7 @@ def main(argv=None):
         t0 = time.time()
         start_step, probe = load_checkpoint(resume_from, held)
         if is_actor:
-            engine.load_weights(full_tensors(actor))
+            engine.load_weights(full_tensors(actor, engine.dtype))
         log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
     say(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "  # DTensor numel: the full size
@@ -1877,8 +1955,8 @@ def main(argv=None):
             t0 = time.time()
             values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
             if is_actor:
-                old_logp = micro_batched(lambda m, i, am: actor_logprobs(m, i, am, L, cfg.rollout.temperature, False)[0],
-                                         actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)  # [n, L]
+                pi_old = lambda m, i, a, s: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False, s)[0]  # [n, L]
+                old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
                 engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
                 metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))  # engine vs trainer
             metrics["time/values_s"] = time.time() - t0
@@ -1928,7 +2006,7 @@ def main(argv=None):
                 t0 = time.time()
                 engine.wake_up(tags=["weights"])
                 if step != cfg.debug.skip_sync_step:  # after every wake: the sleeping engine discarded its weights
-                    engine.load_weights(full_tensors(actor))
+                    engine.load_weights(full_tensors(actor, engine.dtype))  # cast shard by shard, then gathered
                 engine.wake_up(tags=["kv_cache"])
                 metrics["time/sync_s"] = time.time() - t0
                 sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,
@@ -1971,8 +2049,9 @@ def main(argv=None):
                  f"set on_nonfinite=skip to skip such updates instead")
 
     if not interrupted:
-        export_all(actor, critics, layout, tokenizer, out_dir / "final")
-    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+        export_all(actor, critics, layout, tokenizer, out_dir / "final", getattr(torch, cfg.model.param_dtype))
+    masks_digest = digest(adv_keep, ent_keep).cpu().numpy().tobytes().hex()  # 32 hex digits
+    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
         f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB")
     if metrics_file:
         metrics_file.close()
@@ -2019,9 +2098,9 @@ def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
     entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
     valid = mask.bool()
     for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)), ("ent_filtered", valid & (ent_keep == 0))):
-        for tok, n in zip(*torch.unique(tokens[selected], return_counts=True)):
-            text = tokenizer.convert_ids_to_tokens(int(tok))
-            counts[key][text] = counts[key].get(text, 0) + int(n)
+        ids, n = torch.stack(torch.unique(tokens[selected], return_counts=True)).tolist()  # one copy to the host
+        for text, k in zip(tokenizer.convert_ids_to_tokens(ids), n):
+            counts[key][text] = counts[key].get(text, 0) + k
 
 
 def write_diagnostics(path, step, counts, top=20):
@@ -2034,12 +2113,12 @@ def write_diagnostics(path, step, counts, top=20):
         f.write(json.dumps(line) + "\n")
 
 
-def export_all(actor, critics, layout, tokenizer, path):
-    """final/actor and final/critic{m}, each written by the first of the model's ranks."""
+def export_all(actor, critics, layout, tokenizer, path, dtype):
+    """final/actor and final/critic{m} in `dtype`, each written by the first of the model's ranks."""
     if actor is not None:
-        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0])
+        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0], dtype)
     for m, critic in critics.items():
-        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0])
+        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0], dtype)
 
 
 if __name__ == "__main__":

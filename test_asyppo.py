@@ -55,6 +55,32 @@ def test_gae_gamma_lambda_one_is_reward_minus_value():
     assert approx(ret, [[1.0, 1.0, 1.0, 0.0]])  # the critic target is the sequence reward on every token
 
 
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The textbook reversed loop, one step per token, that gae computes in log2(L) vectorised steps."""
+    values, rewards = values * mask, rewards * mask
+    advantages, last, L = torch.zeros_like(values), torch.zeros_like(values[:, 0]), values.shape[1]
+    for t in reversed(range(L)):
+        next_value = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        last = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+@pytest.mark.parametrize("seed,L", [(0, 1), (1, 2), (2, 7), (3, 64), (4, 300), (5, 8000)])
+def test_gae_vectorised_equals_the_loop(seed, L):
+    g = torch.Generator().manual_seed(seed)
+    gamma, lam = (1.0, 1.0) if seed == 0 else (0.9 + 0.1 * torch.rand(2, generator=g)).tolist()
+    lengths = torch.randint(1, L + 1, (6,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).float()  # [6, L]: a prefix of each row
+    rewards, values = torch.randn(6, L, generator=g), torch.rand(6, L, generator=g)  # a reward on every token
+    for (gam, la) in ((gamma, lam), (1.0, 1.0), (0.95, 0.95)):  # at L = 8000, 0.9025^L underflows float32 (and float64)
+        adv, ret = gae(rewards, values, mask, gam, la)
+        loop_adv, loop_ret = gae_loop(rewards, values, mask, gam, la)
+        scale = loop_adv.abs().max().item() + 1  # sums of up to 8000 terms: compare relative to their size
+        assert torch.allclose(adv, loop_adv, atol=1e-5 * scale) and torch.allclose(ret, loop_ret, atol=1e-5 * scale)
+        assert torch.isfinite(adv).all() and (adv[mask == 0] == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Eq. 2, whitening, GRPO
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +250,95 @@ def test_policy_loss_token_mean_option():
     adv, mask = torch.tensor([[1.0, 1.0], [4.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     loss, _ = policy_loss(logp, logp, adv, mask, torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2), 0.2, 0.0, "token-mean")
     assert approx(loss, -(1 + 1 + 4) / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward passes: a micro-batch cut to its own span computes what the batch's full padded width computes
+# ---------------------------------------------------------------------------------------------------------------
+def full_width(actor, critic, input_ids, attn, L, temperature):
+    """The forward passes as they were before the cut: every row at the batch's width P+L, logits for L+1 positions."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=L + 1).logits
+    logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)
+    logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -L - 1:-1, 0].float()
+    return logp, entropy, values
+
+
+def test_micro_batches_cut_to_their_span_match_the_full_width():
+    from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    actor = Qwen3ForCausalLM(asyppo.tiny_config("actor"))
+    critic_config = asyppo.tiny_config("critic")
+    critic_config.num_labels, critic_config.classifier_dropout = 1, 0.0
+    critic = AutoModelForTokenClassification.from_config(critic_config)
+    # rows as share_rollout makes them, [prompt (left-padded to P) | response (right-padded to L)]; lengths far apart
+    prompt_lens, response_lens = [2, 9, 4, 1, 6], [1, 40, 6, 17, 40]
+    P, L = max(prompt_lens), max(response_lens)
+    input_ids, attn = torch.zeros(5, P + L, dtype=torch.long), torch.zeros(5, P + L, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        input_ids[i, P - p:P + r] = torch.randint(3, 99, (p + r,))
+        attn[i, P - p:P + r] = 1
+    mask = attn[:, P:].float()  # [5, L]
+    spans = asyppo.token_spans(attn)
+    assert spans[0] == [P - 2, P + 1] and spans[1] == [0, P + 40]
+    ids, a, Lc = asyppo.cut(input_ids[:1], attn[:1], L, spans[:1])
+    assert ids.shape == (1, 3) and a is None and Lc == 1  # one sequence: 3 columns of 49, no mask (SDPA: causal kernel)
+    ids, a, Lc = asyppo.cut(input_ids[2:4], attn[2:4], L, spans[2:4])
+    assert ids.shape == (2, 4 + 17) and a is not None and Lc == 17
+    # the same log-probs, entropies and values, at the batch's [n, L] alignment, for any micro-batch size
+    with torch.no_grad():
+        old_logp, old_entropy, old_values = full_width(actor, critic, input_ids, attn, L, 0.7)
+        for mb in (1, 2, 5):
+            parts = [(*asyppo.actor_logprobs(actor, input_ids[i:i + mb], attn[i:i + mb], L, 0.7, True, spans[i:i + mb]),
+                      asyppo.critic_values(critic, input_ids[i:i + mb], attn[i:i + mb], L, spans[i:i + mb]))
+                     for i in range(0, 5, mb)]
+            logp, entropy, values = (torch.cat(x) for x in zip(*parts))  # [5, L] each
+            assert logp.shape == entropy.shape == values.shape == (5, L)
+            for new, old in ((logp, old_logp), (entropy, old_entropy), (values, old_values)):
+                assert approx(new * mask, old * mask), (mb, ((new - old) * mask).abs().max())
+                assert (new[mask == 0] == 0).all()  # padding reads 0 in every pass, whatever its micro-batch
+    # the same policy and value losses and the same gradients, one sequence per micro-batch (the paper preset's)
+    adv, returns = torch.randn(5, L), torch.rand(5, L)
+    adv_keep, ent_keep = (torch.rand(5, L) > 0.2).float() * mask, (torch.rand(5, L) > 0.2).float() * mask
+    behaviour = old_logp + 0.1 * torch.randn(5, L)  # π_old: off-policy, so that some ratios are clipped
+    grads, losses = {}, {}
+    for path in ("full", "cut"):
+        actor.zero_grad(), critic.zero_grad()
+        losses[path] = []
+        for i in range(5):
+            row = slice(i, i + 1)
+            if path == "full":
+                logp, entropy, values = full_width(actor, critic, input_ids[row], attn[row], L, 0.7)
+            else:
+                logp, entropy = asyppo.actor_logprobs(actor, input_ids[row], attn[row], L, 0.7, True, spans[row])
+                values = asyppo.critic_values(critic, input_ids[row], attn[row], L, spans[row])
+            pl, _ = policy_loss(logp, behaviour[row], adv[row], mask[row], adv_keep[row], entropy, ent_keep[row],
+                                0.2, 0.01)
+            vl = value_loss(values, returns[row], mask[row])
+            ((pl + vl) / 5).backward()
+            losses[path] += [pl.item(), vl.item()]
+        grads[path] = [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()]]
+    assert approx(losses["cut"], losses["full"])
+    assert all(approx(g, h) for g, h in zip(grads["cut"], grads["full"]))
+
+
+def test_masked_token_counts_and_digest():
+    tokenizer = asyppo.tiny_tokenizer()
+    tokens = torch.tensor([[10, 11, 10, 0], [11, 11, 12, 10]])  # [2, 4]; the 0 is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv_keep = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    ent_keep = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}
+    asyppo.count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep)
+    t = tokenizer.convert_ids_to_tokens
+    assert counts == {"seen": {t(10): 3, t(11): 3, t(12): 1}, "adv_masked": {t(10): 2, t(11): 1},
+                      "ent_filtered": {t(12): 1}}
+    # the digest the ranks compare: computed on the device, the same for equal tensors, changed by moving a value
+    d = asyppo.digest(adv_keep, ent_keep)
+    assert d.dtype == torch.float64 and d.shape == (2,) and torch.equal(d, asyppo.digest(adv_keep.clone(), ent_keep))
+    assert asyppo.digest(adv_keep.flatten().roll(1).view(2, 4), ent_keep)[0] != d[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,6 +671,18 @@ def test_exported_models_reload_and_generate(single_run):
     # the exported weights are the trained ones, not the base model's
     base = AutoModelForCausalLM.from_pretrained(out / "base" / "actor")
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, actor.model.layers[0].mlp.up_proj.weight)
+
+
+def test_export_writes_the_compute_dtype(tmp_path):
+    """model.param_dtype=bfloat16: final/ holds bfloat16 weights (the float32 masters are the optimizer's), and they
+    load as bfloat16. (The tiny preset's float32 export is what the other tests compare bit for bit.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification
+    run([sys.executable, "asyppo.py", "max_steps=1", f"output_dir={tmp_path}", "model.param_dtype=bfloat16",
+         "model.tiny_warm_start_steps=1", "rollout.sync_check_tol=1"])
+    for name in ("actor", "critic0", "critic1"):
+        assert {t.dtype for t in load_file(tmp_path / "final" / name / "model.safetensors").values()} == {torch.bfloat16}
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "final" / "critic0").dtype == torch.bfloat16
 
 
 def test_script_jsonl_data(tmp_path):
