@@ -471,7 +471,11 @@ def describe(layout):
 def memory_plan(cfg, world):
     """--dry-run: for both placements, the layout, the batch arithmetic and a per-rank GPU memory plan (GB) from the
     models' configs alone (built on the meta device: no weights are loaded or downloaded beyond config.json).
-    Rough by design: activations are estimated from the shapes, not measured."""
+    Meant as an upper bound, from the shapes: tools/gpu_check.py prints measured peaks next to it. Besides weights,
+    optimizer states and activations it counts the logits' float32 copies and their gradients, FSDP2's unsharded
+    float32 gradients before the reduce-scatter, the CUDA context and NCCL's buffers (FIXED_GB) and the caching
+    allocator's reserve (RESERVE)."""
+    FIXED_GB, RESERVE = 1.5, 1.1  # context + communicators per GPU; blocks cached but not in use (fragmentation)
     GB, M, r = 2**30, cfg.algo.num_critics, cfg.rollout
     bf = 2 if cfg.model.param_dtype == "bfloat16" else 4
     T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
@@ -493,12 +497,16 @@ def memory_plan(cfg, world):
         per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
         acts = ((c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing
                 else c.num_hidden_layers * per_layer)
-        logits = 0 if critic else mb * L * c.vocab_size * 4 * 4  # float32 logits, log-softmax, probs, their gradient
-        # values, π_old passes
-        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * 4 * 2)
-        return n, states / GB, (unsharded + max(acts + logits, no_grad)) / GB
+        # the LM head's logits in param dtype, then float32: the copy, / temperature, log-softmax, probs and p * log p
+        # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
+        logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
+        grads = 4 * max(root, 2 * layer)  # FSDP2: the root's (or 2 layers') unsharded float32 gradients, to reduce-scatter
+        # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies (no gradients)
+        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * (3 * 4 + bf))
+        return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB
 
     def verdict(gb):
+        gb = FIXED_GB + RESERVE * gb
         return (f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: "
                 + ("fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit"))
 
