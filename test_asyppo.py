@@ -689,7 +689,7 @@ def test_script_jsonl_data(tmp_path):
     rows = [{"question": f"{a}+{b}=", "final_answer": str(a + b)} for a in range(10) for b in range(3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run([sys.executable, "asyppo.py", "max_steps=2", f"output_dir={tmp_path / 'out'}", "data.task=jsonl",
-         f"data.train_path={tmp_path / 'train.jsonl'}", "algo.critic_first=true"])
+         f"data.train_path={tmp_path / 'train.jsonl'}", "algo.critic_first=true", "rollout.prompts_per_step=16"])
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
@@ -1064,7 +1064,8 @@ def test_data_field_mapping_difficulty_sampling_and_length_cap(tmp_path):
     rows.append({"q": "9" * 40 + "+1=", "a": 0, "level": 1})  # longer than max_prompt_tokens: dropped
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = asyppo.parse_config([f"data.train_path={tmp_path / 'd.jsonl'}", "data.task=jsonl", "data.prompt_key=q",
-                               "data.answer_key=a", "data.difficulty_key=level", "data.num_prompts=30"])
+                               "data.answer_key=a", "data.difficulty_key=level", "data.num_prompts=30",
+                               "rollout.prompts_per_step=16"])
     logs = []
     prompts, answers = asyppo.load_prompts(cfg, asyppo.tiny_tokenizer(), logs.append)
     tok = asyppo.tiny_tokenizer()
