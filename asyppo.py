@@ -8,13 +8,15 @@ arXiv 2510.01656 (ICLR 2026). AsyPPO is PPO with a large actor and M small "mini
   Eq. 4  σ_t = std_m V_m(s_t): the 20% of tokens where the critics agree most get no policy gradient,
   Eq. 5  and the 20% where they disagree most get no entropy bonus, in the clipped PPO objective.
 Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it). Placement (see Layout): every rank
-holds everything ("colocated"), or the actor and the critics sit on ranks of their own and train at the same time ("split").
+holds everything ("colocated"), or the actor and the critics sit on ranks of their own and train at the same
+time ("split").
 
 Runbook
   python asyppo.py                                    # tiny preset: built in code, offline, CPU, about 1 min
   torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
   python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
-  torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor, rank 1 critics
+  torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor,
+                                                                       # rank 1 critics
   torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base on GPUs 0-7 (+ vLLM),
                                                                  # 2 x Qwen3-1.7B-Base critics on GPUs 8-11 and 12-15
   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \
@@ -55,8 +57,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -86,17 +88,20 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "add"  # made in code: "add" (3+5=), "add2" (47+38=, worked digit by digit) | "jsonl": from train_path
-    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line (or a hub dataset id, with `datasets`)
+    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line (or a hub dataset id, with
+    #                       `datasets`)
     split: str = "train"  # hub datasets only
     prompt_key: str = "question"
     answer_key: str = "final_answer"
     difficulty_key: str = "difficulty"
     num_prompts: int = 0  # > 0: keep this many prompts, drawn without replacement with probability ∝ difficulty
-    template: str = "raw"  # "raw": the question as is | "auto": the tokenizer's chat template (system_prompt + question)
-    #                        when it has one, else "system_prompt\n\nquestion\n"
+    template: str = "raw"  # "raw": the question as is | "auto": the tokenizer's chat template (system_prompt +
+    #                        question) when it has one, else "system_prompt\n\nquestion\n"
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this + max_new_tokens
-    skip_bad_rows: bool = False  # a bad jsonl line (not UTF-8, not JSON, missing a field): stop naming file:line, or skip and count
+    max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this +
+    #                              max_new_tokens
+    skip_bad_rows: bool = False  # a bad jsonl line (not UTF-8, not JSON, missing a field): stop naming file:line, or
+    #                              skip and count
 
 
 @dataclass
@@ -168,7 +173,8 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps; constant afterwards
     sequences_per_step: int = 32  # sequences per optimizer step, over all ranks (critics: within one shard)
     micro_batch_size: int = 16  # at most this many sequences per forward/backward on one rank (gradient accumulation)
-    forward_micro_batch_size: int = 64  # sequences per no-grad forward on one rank (values, π_old): no activations kept
+    forward_micro_batch_size: int = 64  # sequences per no-grad forward on one rank (values, π_old): no activations
+    #                                     kept
     max_grad_norm: float = 1.0
 
 
@@ -180,18 +186,22 @@ class Config:
     save_steps: int = 0  # sharded, resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = ""  # "auto": continue from the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint dir
-    on_nonfinite: str = "stop"  # NaN/inf in advantages, loss or gradient norm: "stop" (naming the last good checkpoint) | "skip" the update
-    save_on_signal: bool = True  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit (a second signal: exit at once)
-    diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N iterations
+    on_nonfinite: str = "stop"  # NaN/inf in advantages, loss or gradient norm: "stop" (naming the last good
+    #                             checkpoint) | "skip" the update
+    save_on_signal: bool = True  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit (a second signal:
+    #                              exit at once)
+    diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N
+    #                        iterations
     device: str = "auto"  # auto | cpu | cuda
-    placement: str = "colocated"  # colocated: every rank holds the actor, a rollout engine and every critic | split (the
-    #                               paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the critics
+    placement: str = "colocated"  # colocated: every rank holds the actor, a rollout engine and every critic | split
+    #                               (the paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the
+    #                               critics
     actor_ranks: int = 1  # split: the first this many ranks hold the actor; critic m is sharded over its own K/M of the
     #                       other K ranks (K < M: each critic rank holds M/K critics)
     dist_timeout_min: int = 180  # a collective that waits longer stops the run. Every group gets it. The longest wait:
-    #   split, critic ranks wait out the actor update, sync, evaluation and the next rollout. 14B preset, UTD 4, 16 actor
-    #   GPUs: ~55 min of update (4 x 2048 x 9k tokens x 14B x 8 FLOPs at 40% of 400 TFLOP/s), eval up to 6.2k responses
-    #   x 8k tokens, rollout 2048 x 8k: ~75 min at worst; 180 leaves room for slower GPUs
+    #   split, critic ranks wait out the actor update, sync, evaluation and the next rollout. 14B preset, UTD 4, 16
+    #   actor GPUs: ~55 min of update (4 x 2048 x 9k tokens x 14B x 8 FLOPs at 40% of 400 TFLOP/s), eval up to 6.2k
+    #   responses x 8k tokens, rollout 2048 x 8k: ~75 min at worst; 180 leaves room for slower GPUs
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -234,10 +244,12 @@ def set_config_value(cfg, key, value):
 
 
 def parse_config(argv):
-    parser = argparse.ArgumentParser(description="AsyPPO trainer", epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1")
+    parser = argparse.ArgumentParser(description="AsyPPO trainer",
+                                     epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1")
     parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
     parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
-    parser.add_argument("--dry-run", action="store_true", help="print the batch arithmetic and a per-rank memory plan, load nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the batch arithmetic and a per-rank memory plan, load nothing")
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="for --dry-run")
     parser.add_argument("overrides", nargs="*", help="key=value")
     args = parser.parse_args(argv)
@@ -303,36 +315,41 @@ def validate_config(cfg):
         if not ok:
             sys.exit(f"config: '{key}' {rule}, got {get(key)!r}")
     for key in ("max_steps", "diag_steps", "keep_checkpoints", "rollout.prompts_per_step", "rollout.group_size",
-                "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size", "data.max_prompt_tokens",
-                "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size", "critic.sequences_per_step",
-                "critic.micro_batch_size", "actor.forward_micro_batch_size", "critic.forward_micro_batch_size", "eval.k",
-                "reward.workers", "actor_ranks", "dist_timeout_min"):
+                "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size",
+                "data.max_prompt_tokens", "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size",
+                "critic.sequences_per_step", "critic.micro_batch_size", "actor.forward_micro_batch_size",
+                "critic.forward_micro_batch_size", "eval.k", "reward.workers", "actor_ranks", "dist_timeout_min"):
         need(key, get(key) >= 1, "must be >= 1")
     for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
-                "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay", "algo.ent_coef",
-                "model.tiny_warm_start_steps", "rollout.sync_check_tol"):
+                "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay",
+                "algo.ent_coef", "model.tiny_warm_start_steps", "rollout.sync_check_tol"):
         need(key, get(key) >= 0, "must be >= 0")
     for key in ("actor.lr", "critic.lr", "actor.max_grad_norm", "critic.max_grad_norm", "rollout.temperature",
                 "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.gpu_memory_gb"):
         need(key, get(key) > 0, "must be > 0")
     for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
         need(key, 0 <= get(key) < 1, "must be in [0, 1)")
-    need("algo.ent_filter_frac", cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1, "plus algo.adv_mask_frac must be <= 1")
+    need("algo.ent_filter_frac", cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1,
+         "plus algo.adv_mask_frac must be <= 1")
     for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization"):
         need(key, 0 < get(key) <= 1, "must be in (0, 1]")
     for key in ("algo.gamma", "algo.lam"):
         need(key, 0 <= get(key) <= 1, "must be in [0, 1]")
     need("rollout.top_k", cfg.rollout.top_k >= 1 or cfg.rollout.top_k == -1, "must be >= 1 (or -1: no top-k)")
-    need("algo.num_critics", cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo", f"must be >= 1 for algo.name={cfg.algo.name}")
+    need("algo.num_critics", cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo",
+         f"must be >= 1 for algo.name={cfg.algo.name}")
     need("data.train_path", cfg.data.task != "jsonl" or cfg.data.train_path, "must be set when data.task=jsonl")
     need("rollout.group_size", cfg.algo.num_critics == 0 or cfg.rollout.group_size % cfg.algo.num_critics == 0,
-         f"must be divisible by algo.num_critics={cfg.algo.num_critics} (each critic gets G/M responses of every prompt)")
-    need("model.critic_paths", len(cfg.model.critic_paths) in (0, cfg.algo.num_critics), f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)")
+         f"must be divisible by algo.num_critics={cfg.algo.num_critics} "
+         f"(each critic gets G/M responses of every prompt)")
+    need("model.critic_paths", len(cfg.model.critic_paths) in (0, cfg.algo.num_critics),
+         f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)")
 
 
 def apply_method(cfg):
     """`algo.name` picks the method; rollout, data and budget stay the same. The baselines turn the masks off and set
-    the critics: ppo = one critic from the actor's own checkpoint (symmetric), ppo_small = one mini-critic, grpo = none."""
+    the critics: ppo = one critic from the actor's own checkpoint (symmetric), ppo_small = one mini-critic,
+    grpo = none."""
     a = cfg.algo
     if a.name != "asyppo":
         a.adv_mask_frac = a.ent_filter_frac = 0.0
@@ -365,13 +382,15 @@ def make_layout(cfg, world):
         return Layout(world, list(range(world)), [list(range(world))] * M)
     K = world - A
     if M == 0:
-        raise ValueError(f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): use placement=colocated")
+        raise ValueError(f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): "
+                         f"use placement=colocated")
     if K < 1:
-        raise ValueError(f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: the critics "
-                         f"need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, 16 on 32 for the 14B actor)")
+        raise ValueError(f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: "
+                         f"the critics need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, "
+                         f"16 on 32 for the 14B actor)")
     if K % M and M % K:
-        raise ValueError(f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: {K} must be a multiple "
-                         f"or a divisor of algo.num_critics={M} (world size {world})")
+        raise ValueError(f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: "
+                         f"{K} must be a multiple or a divisor of algo.num_critics={M} (world size {world})")
     critic_ranks = list(range(A, world))
     if K >= M:  # AsyPPO: each critic on K/M ranks of its own
         critics = [critic_ranks[m * (K // M):(m + 1) * (K // M)] for m in range(M)]
@@ -405,18 +424,25 @@ def derive_sizes(cfg, layout):
         if not ok:
             raise ValueError(msg)
     need(a_dp % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the {a_dp} actor rank(s)")
-    need(cfg.rollout.engine != "vllm" or layout.world % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the world size "
-         f"({layout.world}) with rollout.engine=vllm: vLLM makes its tensor-parallel groups over every rank, the critics' too")
+    need(cfg.rollout.engine != "vllm" or layout.world % tp == 0,
+         f"rollout.tensor_parallel_size ({tp}) must divide the world size ({layout.world}) with rollout.engine=vllm: "
+         f"vLLM makes its tensor-parallel groups over every rank, the critics' too")
     need(B % a_dp == 0, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)")
     N = B * G
     for name, o, pool, dp in (("actor", A, N, a_dp), ("critic", C, N // max(M, 1), c_dp)):
-        need(pool % o.sequences_per_step == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on per iteration")
-        need(o.sequences_per_step % dp == 0, f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is sharded over")
+        need(pool % o.sequences_per_step == 0,
+             f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on "
+             f"per iteration")
+        need(o.sequences_per_step % dp == 0,
+             f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) "
+             f"it is sharded over")
         need((o.sequences_per_step // dp) % min(o.micro_batch_size, o.sequences_per_step // dp) == 0,
-             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = {o.sequences_per_step // dp}")
+             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = "
+             f"{o.sequences_per_step // dp}")
     micro = lambda o, dp: min(o.micro_batch_size, o.sequences_per_step // dp)  # noqa: E731  (at most one step's share)
     return Sizes(actor_dp=a_dp, critic_dp=c_dp, n_global=N, n_local=N // a_dp, prompts_local=B // a_dp,
-                 actor_steps=N // A.sequences_per_step, actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
+                 actor_steps=N // A.sequences_per_step,
+                 actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
                  actor_micro=micro(A, a_dp), critic_steps=N // max(M, 1) // C.sequences_per_step,
                  critic_micro_steps=C.sequences_per_step // c_dp // micro(C, c_dp), critic_micro=micro(C, c_dp))
 
@@ -438,13 +464,18 @@ def describe(layout):
     held = {}
     for m, ranks in enumerate(layout.critics):
         held.setdefault(tuple(ranks), []).append(str(m))
-    return "; ".join([f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()])
+    return "; ".join([f"{span(layout.actor)}: actor + engine"]
+                     + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()])
 
 
 def memory_plan(cfg, world):
     """--dry-run: for both placements, the layout, the batch arithmetic and a per-rank GPU memory plan (GB) from the
     models' configs alone (built on the meta device: no weights are loaded or downloaded beyond config.json).
-    Rough by design: activations are estimated from the shapes, not measured."""
+    Meant as an upper bound, from the shapes: tools/gpu_check.py prints measured peaks next to it. Besides weights,
+    optimizer states and activations it counts the logits' float32 copies and their gradients, FSDP2's unsharded
+    float32 gradients before the reduce-scatter, the CUDA context and NCCL's buffers (FIXED_GB) and the caching
+    allocator's reserve (RESERVE)."""
+    FIXED_GB, RESERVE = 1.5, 1.1  # context + communicators per GPU; blocks cached but not in use (fragmentation)
     GB, M, r = 2**30, cfg.algo.num_critics, cfg.rollout
     bf = 2 if cfg.model.param_dtype == "bfloat16" else 4
     T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
@@ -464,16 +495,24 @@ def memory_plan(cfg, world):
         states = 16 * n / shards  # float32 weights + gradients + AdamW's two moments, sharded over the model's ranks
         unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
         per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
-        acts = (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing else c.num_hidden_layers * per_layer
-        logits = 0 if critic else mb * L * c.vocab_size * 4 * 4  # float32 logits, log-softmax, probs, their gradient
-        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * 4 * 2)  # values, π_old passes
-        return n, states / GB, (unsharded + max(acts + logits, no_grad)) / GB
+        acts = ((c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing
+                else c.num_hidden_layers * per_layer)
+        # the LM head's logits in param dtype, then float32: the copy, / temperature, log-softmax, probs and p * log p
+        # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
+        logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
+        grads = 4 * max(root, 2 * layer)  # FSDP2: the root's (or 2 layers') unsharded float32 gradients, to reduce-scatter
+        # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies (no gradients)
+        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * (3 * 4 + bf))
+        return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB
 
     def verdict(gb):
-        return f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: " + ("fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit")
+        gb = FIXED_GB + RESERVE * gb
+        return (f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: "
+                + ("fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit"))
 
     critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
-    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = {cfg.data.max_prompt_tokens} prompt + {L} response tokens"]
+    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = "
+             f"{cfg.data.max_prompt_tokens} prompt + {L} response tokens"]
     for placement in ("colocated", "split"):
         c = dataclasses.replace(cfg, placement=placement)
         head = f"{placement}{' (configured)' if placement == cfg.placement else ''}"
@@ -484,24 +523,37 @@ def memory_plan(cfg, world):
             lines.append(f"{head}: does not fit: {e}")
             continue
         held = M if placement == "colocated" else max(1, M // (world - len(layout.actor)))  # critics per critic rank
-        na, a_states, a_peak = model_gb(cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size, sizes.actor_dp)
-        nc, c_states, c_peak = model_gb(critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size, sizes.critic_dp) if M else (0, 0.0, 0.0)
-        engine = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB  # hf: an unsharded copy
+        na, a_states, a_peak = model_gb(cfg.model.actor, False, cfg.actor.micro_batch_size,
+                                        cfg.actor.forward_micro_batch_size, sizes.actor_dp)
+        nc, c_states, c_peak = (model_gb(critic_path, True, cfg.critic.micro_batch_size,
+                                         cfg.critic.forward_micro_batch_size, sizes.critic_dp) if M else (0, 0.0, 0.0))
+        # hf: an unsharded copy
+        engine = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB
         asleep = 0 if r.engine == "vllm" else engine  # vLLM sleeps while the trainer runs; the hf copy stays
         lines += [f"{head}: {describe(layout)}",
-                  f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, {sizes.n_local} per actor rank; "
-                  f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), {sizes.actor_micro_steps} micro-batch(es) of "
-                  f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
-                  f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
-                  *([f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): weights+grads+AdamW {held * c_states:8.2f} "
-                     f"({held} per rank)   training peak extra {c_peak:8.2f}" + (" (one at a time)" if held > 1 else "")] if M else []),
-                  f"  rollout engine ({r.engine}): {engine:8.2f}" + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else "")]
+                  f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, "
+                  f"{sizes.n_local} per actor rank; "
+                  f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), "
+                  f"{sizes.actor_micro_steps} micro-batch(es) of "
+                  f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, "
+                  f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
+                  f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): "
+                  f"weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
+                  *([f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): "
+                     f"weights+grads+AdamW {held * c_states:8.2f} "
+                     f"({held} per rank)   training peak extra {c_peak:8.2f}"
+                     + (" (one at a time)" if held > 1 else "")] if M else []),
+                  f"  rollout engine ({r.engine}): {engine:8.2f}"
+                  + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else "")]
         if placement == "colocated":
-            rollout, train = a_states + held * c_states + engine, a_states + held * c_states + max(a_peak, c_peak) + asleep
-            lines.append(f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   -> {verdict(max(rollout, train))}")
+            rollout, train = (a_states + held * c_states + engine,
+                              a_states + held * c_states + max(a_peak, c_peak) + asleep)
+            lines.append(f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
+                         f"-> {verdict(max(rollout, train))}")
         else:
             rollout, train, critic_rank = a_states + engine, a_states + a_peak + asleep, held * c_states + c_peak
-            lines += [f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   -> {verdict(max(rollout, train))}",
+            lines += [f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
+                      f"-> {verdict(max(rollout, train))}",
                       f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}"]
     return "\n".join(lines)
 
@@ -532,13 +584,14 @@ def gae(rewards, values, mask, gamma, lam):
     The value after the last valid token is 0; padded positions come out 0.
     Worked example, one sequence of 2 tokens, reward 1 on the last, γ = λ = 1, V = [0.3, 0.6]:
       δ = [0 + 0.6 − 0.3, 1 + 0 − 0.6] = [0.3, 0.4];  Â = [0.7, 0.4] = R − V;  returns = Â + V = [1, 1].
-    Â_t = δ_t + γλ Â_{t+1} is the textbook reversed loop, one step per token (≈ 7 kernels each, 56,000 at L = 8,000):
+    Â_t = δ_t + γλ Â_{t+1} is the textbook reversed loop, one step per token (≈ 7 kernels each,
+    56,000 at L = 8,000):
       last = 0
       for t in reversed(range(L)):
           last = (δ_t + γλ · last) · mask_t;  Â_t = last
-    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k vectorised: with γλ = 1 (the paper's) a reversed cumulative sum;
-    otherwise in log2(L) doubling steps, where no power of γλ is ever divided by, so nothing overflows at L = 8,000
-    (the powers that underflow to 0 weigh nothing). Rescaling a cumsum by (γλ)^−t would overflow there."""
+    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k vectorised: with γλ = 1 (the paper's) a reversed cumulative
+    sum; otherwise in log2(L) doubling steps, where no power of γλ is ever divided by, so nothing overflows at
+    L = 8,000 (the powers that underflow to 0 weigh nothing). Rescaling a cumsum by (γλ)^−t would overflow there."""
     values, rewards = values * mask, rewards * mask
     next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
     adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
@@ -567,8 +620,8 @@ def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=Non
     adv_keep = 0 on the floor(adv_mask_frac * n) tokens with the smallest σ (critics agree: no policy gradient),
     ent_keep = 0 on the floor(ent_filter_frac * n) tokens with the largest σ (critics disagree: no entropy bonus).
     The counts are exact whatever the ties. Equal σ are ordered by a random permutation from tie_seed (the same on
-    every rank), else by index; by index, a tie at the cut (σ = 0 where two critics agree to the last bit) would put the
-    masks on the first rows and tokens. Invalid positions are 0 in both. [N, L] each.
+    every rank), else by index; by index, a tie at the cut (σ = 0 where two critics agree to the last bit) would put
+    the masks on the first rows and tokens. Invalid positions are 0 in both. [N, L] each.
     Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
     sigma = values.std(0, unbiased=False)  # [N, L]
     valid = mask.bool()
@@ -604,8 +657,10 @@ def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg="seq-mean-token-mean"):
-    """Eq. 5 as a loss to minimise: −J, J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
+def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef,
+                loss_agg="seq-mean-token-mean"):
+    """Eq. 5 as a loss to minimise: −J,
+    J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
     Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)  # ρ_t
@@ -615,14 +670,16 @@ def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, c
     with torch.no_grad():
         stats = {"policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
                  "entropy": masked_mean(entropy, mask),
-                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),  # k3 estimator, http://joschu.net/blog/kl-approx.html
+                 # k3 estimator, http://joschu.net/blog/kl-approx.html
+                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
                  "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
                  "ratio_max": (ratio * mask + (1 - mask)).max()}  # padding reads as 1
     return loss, stats
 
 
 def value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
-    """Eq. 1 for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss. No value clipping."""
+    """Eq. 1 for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss.
+    No value clipping."""
     return aggregate_loss(0.5 * (values - returns) ** 2, mask, loss_agg)
 
 
@@ -640,7 +697,8 @@ def explained_variance(pred, target, mask):
 MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the tail bounds the work on long responses
 
 
-logging.getLogger("math_verify").setLevel(logging.ERROR)  # else it warns "Timeout is disabled" on every call without alarms
+# else it warns "Timeout is disabled" on every call without alarms
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def gold_texts(answer: str) -> list[str]:
@@ -736,7 +794,8 @@ class RewardPool:
         timeout_s = timeout_s or self.timeout_s
         with self.lock:
             self.workers = self.workers or [self._start() for _ in range(self.n)]
-            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}  # busy: w -> (job, t0)
+            # busy: w -> (job, t0)
+            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}
             while todo or busy:
                 for w in range(len(self.workers)):
                     if w not in busy and todo:
@@ -785,20 +844,23 @@ def tiny_problem(task, rng):
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     units = a % 10 + b % 10
     tens = a // 10 + b // 10 + units // 10
-    return f"{a}+{b}=", str(a + b), f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}"
+    return (f"{a}+{b}=", str(a + b),
+            f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}")
 
 
 def read_rows(path, fields, skip_bad=False, split="train", log=print):
     """Rows of a jsonl file (or of a hub dataset when `path` is not a file and the `datasets` package is installed),
     each with every key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming
     file and line, or, with skip_bad, is skipped and counted."""
-    looks_like_hub_id = "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
+    looks_like_hub_id = ("/" in str(path) and not str(path).startswith((".", "/", "~"))
+                         and not str(path).endswith((".jsonl", ".json")))
     if not Path(path).is_file() and looks_like_hub_id and importlib.util.find_spec("datasets"):
         import datasets
         rows = list(datasets.load_dataset(path, split=split))
         missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
         if not rows or missing:
-            sys.exit(f"data: {path} (split {split}): " + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"))
+            sys.exit(f"data: {path} (split {split}): "
+                     + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"))
         return rows
     if not Path(path).is_file():
         sys.exit(f"data: {path}: no such file")
@@ -816,7 +878,8 @@ def read_rows(path, fields, skip_bad=False, split="train", log=print):
                     raise ValueError(f"missing field(s) {missing}")
             except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
                 if not skip_bad:
-                    sys.exit(f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} (data.skip_bad_rows=true skips such lines)")
+                    sys.exit(f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} "
+                             f"(data.skip_bad_rows=true skips such lines)")
                 bad += 1
                 continue
             rows.append(row)
@@ -831,11 +894,14 @@ def load_prompts(cfg, tokenizer, log=print):
     """The training set as (prompt token ids, answers): optionally N prompts drawn ∝ difficulty (the paper trains on
     5,000 hard DeepMath-103K prompts), then prompts over data.max_prompt_tokens dropped, both counted in the log."""
     d = cfg.data
-    rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []), d.skip_bad_rows, d.split, log)
+    rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []),
+                     d.skip_bad_rows, d.split, log)
     if 0 < d.num_prompts < len(rows):
         weights = np.array([float(r[d.difficulty_key]) for r in rows])
-        pick = np.random.default_rng(cfg.seed).choice(len(rows), size=d.num_prompts, replace=False, p=weights / weights.sum())
-        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to '{d.difficulty_key}'")
+        pick = np.random.default_rng(cfg.seed).choice(len(rows), size=d.num_prompts, replace=False,
+                                                      p=weights / weights.sum())
+        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
+            f"'{d.difficulty_key}'")
         rows = [rows[i] for i in sorted(pick)]
     prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
@@ -892,8 +958,8 @@ def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0):
     """Qwen3 configs of the tiny preset: a 2-layer actor and a 1-layer critic (head_dim 32: vLLM's CPU minimum)."""
     size = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
             "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)}[name]
-    return Qwen3Config(vocab_size=vocab_size, head_dim=32, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-                       eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, **size)
+    return Qwen3Config(vocab_size=vocab_size, head_dim=32, num_key_value_heads=1, max_position_embeddings=64,
+                       tie_word_embeddings=True, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, **size)
 
 
 def build_tiny_models(cfg, out_dir):
@@ -915,11 +981,13 @@ def build_tiny_models(cfg, out_dir):
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids])  # [64, T] left-padded
             labels = torch.tensor([[-100] * (T - len(x) + len(p)) + x[len(p):] for x, (p, _) in zip(ids, batch)])
             attn = (torch.arange(T)[None] >= torch.tensor([T - len(x) for x in ids])[:, None]).long()
-            loss = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), labels=labels).loss
+            loss = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                         labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = (tokenizer.eos_token_id,
+                                                                                      tokenizer.pad_token_id)
         path = Path(out_dir) / name
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -931,14 +999,15 @@ def build_tiny_models(cfg, out_dir):
 # Models: FSDP2-sharded actor and critics, each with its own AdamW + linear warm-up
 # =============================================================================================================
 def shard_model(model, param_dtype, mesh, value_head=None):
-    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm, heads).
-    A critic's value head computes in float32 whatever param_dtype: in bfloat16, values in [0, 1] sit on a grid of
-    2^-9 to 2^-8, two critics that agree to that grid have σ exactly 0, and the 20% cut falls inside the tie."""
+    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm,
+    heads). A critic's value head computes in float32 whatever param_dtype: in bfloat16, values in [0, 1] sit on a grid
+    of 2^-9 to 2^-8, two critics that agree to that grid have σ exactly 0, and the 20% cut falls inside the tie."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in getattr(model, model.base_model_prefix).layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     if value_head is not None:  # AsyPPO: σ ranks the critics' disagreement; its inputs (the last hidden state) cast up
-        fully_shard(value_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+        fully_shard(value_head, mesh=mesh,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -947,9 +1016,9 @@ def for_training(model, cfg):
     """Training mode without dropout, and gradient checkpointing when asked. from_pretrained returns a model in eval
     mode, and transformers checkpoints a decoder layer only in training mode (GradientCheckpointingLayer:
     `self.gradient_checkpointing and self.training`), so without .train() grad_checkpointing is silently off.
-    Training mode would also switch dropout on, and PPO needs deterministic log-probs (π_old and the update's π must be
-    the same function of the weights). Qwen3's and Llama's attention_dropout is 0, but a checkpoint may say otherwise:
-    every dropout rate is set to 0, in the config, in the modules' own copies of it (attention layers keep
+    Training mode would also switch dropout on, and PPO needs deterministic log-probs (π_old and the update's π must
+    be the same function of the weights). Qwen3's and Llama's attention_dropout is 0, but a checkpoint may say
+    otherwise: every dropout rate is set to 0, in the config, in the modules' own copies of it (attention layers keep
     `self.attention_dropout`) and in every nn.Dropout."""
     for owner in [model.config, *model.modules()]:
         for key, value in list(vars(owner).items()):
@@ -988,11 +1057,13 @@ def load_critic(path, cfg, device, mesh, seed):
     head = sorted(set(info["missing_keys"]) - set(body))
     print(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
           + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
-    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score)
+    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh,
+                       value_head=model.score)
 
 
 def make_optimizer(model, o):
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)  # CPU defaults to a slow per-tensor loop
+    # CPU defaults to a slow per-tensor loop
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, o.warmup_steps)))
     return opt, sched
 
@@ -1012,7 +1083,8 @@ def export_hf(model, tokenizer, path, writer, dtype):
     (collective over the model's ranks), in `dtype` (model.param_dtype: the training compute dtype, not the float32
     masters). Written by hand: save_pretrained writes only on global rank 0, and in the split placement the critics
     live elsewhere."""
-    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()  # e.g. lm_head.weight
+    # e.g. lm_head.weight
+    tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
     sd = {}
     for name, t in full_tensors(model, dtype):  # every rank of the model takes part in every gather
         if writer and name not in tied:
@@ -1105,8 +1177,9 @@ class HFEngine(RolloutEngine):
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.param_dtype),
-                                                          trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, cfg.model.param_dtype),
+            trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
         self.device, self.stop_ids, self.pad_id, self.dtype = device, stop_ids, pad_id, self.model.dtype
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
@@ -1130,8 +1203,9 @@ class HFEngine(RolloutEngine):
         warpers = ([TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else []) + \
                   ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []) + \
                   ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
-        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s["max_new_tokens"],
-                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
+        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                   max_new_tokens=s["max_new_tokens"], eos_token_id=self.stop_ids,
+                                   pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
         out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
                                   logits_processor=LogitsProcessorList(warpers + [recorder]))
         tokens = out[:, input_ids.shape[1]:]  # [n, T]
@@ -1149,8 +1223,10 @@ class HFEngine(RolloutEngine):
         response positions only: the prompt's would be [n, P, vocabulary] float32 for nothing)."""
         self.require("score", "awake")
         L = max(len(r) for _, r in pairs)
-        input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)  # [n, P+L], responses at the end
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
+        # [n, P+L], responses at the end
+        input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn),
+                            logits_to_keep=L + 1).logits
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
         return [row[L - len(r):] for row, (_, r) in zip(logp.tolist(), pairs)]
 
@@ -1193,8 +1269,10 @@ class VLLMEngine(RolloutEngine):
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
         self.cuda, r, tp = device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
         self.dtype = getattr(torch, cfg.model.param_dtype)
-        self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))  # same seed in a TP group
-        self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+        # same seed in a TP group
+        self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))
+        self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                            max_tokens=r.max_new_tokens,
                                             logprobs=0,  # the sampled token's only
                                             stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids))
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
@@ -1208,10 +1286,12 @@ class VLLMEngine(RolloutEngine):
         return dict(model=path, dtype=cfg.model.param_dtype, tensor_parallel_size=r.tensor_parallel_size,
                     distributed_executor_backend="external_launcher",  # this process is vLLM's worker
                     gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda,  # CPU: no sleep allocator
-                    max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
-                    logprobs_mode="processed_logprobs",  # log-probs after temperature/top-k/top-p: what was sampled from
-                    # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world group,
-                    # which with this launcher is the whole job: in split the critic ranks would never join them
+                    max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    # log-probs after temperature/top-k/top-p: what was sampled from
+                    logprobs_mode="processed_logprobs",
+                    # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world
+                    # group, which with this launcher is the whole job: in split the critic ranks would never join them
                     enable_flashinfer_autotune=False,
                     enforce_eager=not cuda)
 
@@ -1223,10 +1303,10 @@ class VLLMEngine(RolloutEngine):
         model, pipeline / data parallel 1, in-process engine); re-check this list on a vLLM upgrade:
           1. init_distributed_environment (distributed/parallel_state.py): the world group (new_group over every rank,
              for the device and for gloo) and the node count (broadcast_object_list, barrier, all_reduce on gloo).
-          2. initialize_model_parallel via ensure_model_parallel_initialized: new_group pairs for TP, DCP, PCP, PP and DP
-             over rank lists that every rank makes; the expert-parallel groups only for MoE models or when vLLM has no
-             model config. So the config here is built from the actor's checkpoint, as on the actor ranks (without it,
-             these ranks made 2 x world / TP more groups and every later new_group mismatched).
+          2. initialize_model_parallel via ensure_model_parallel_initialized: new_group pairs for TP, DCP, PCP, PP and
+             DP over rank lists that every rank makes; the expert-parallel groups only for MoE models or when vLLM has
+             no model config. So the config here is built from the actor's checkpoint, as on the actor ranks (without
+             it, these ranks made 2 x world / TP more groups and every later new_group mismatched).
           3. ExecutorWithExternalLauncher.determine_available_memory (v1/executor/uniproc_executor.py): an all_reduce
              (MIN) of the free memory over the world's gloo group, for the KV-cache size.
           4. FlashInfer autotune (model_executor/warmup/kernel_warmup.py): a world all_gather, per-tactic reductions and
@@ -1237,7 +1317,8 @@ class VLLMEngine(RolloutEngine):
         from vllm.distributed import parallel_state
         from vllm.platforms import current_platform
         tp = cfg.rollout.tensor_parallel_size
-        with set_current_vllm_config(vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()):
+        with set_current_vllm_config(
+                vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()):
             parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]),
                                                         current_platform.dist_backend)  # 1.
             parallel_state.ensure_model_parallel_initialized(tp, 1)  # 2.
@@ -1251,8 +1332,9 @@ class VLLMEngine(RolloutEngine):
             setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
         params.n = n  # G samples per prompt share the prompt's KV cache
         everyone = self._gather_tp(prompts)
-        # one seed per prompt (vLLM gives sample k of a request the seed + k): with one seed for the whole batch, sample k
-        # of every prompt would be drawn from the same random numbers. Seeded from the TP group's first rank's seed.
+        # one seed per prompt (vLLM gives sample k of a request the seed + k): with one seed for the whole batch,
+        # sample k of every prompt would be drawn from the same random numbers. Seeded from the TP group's first
+        # rank's seed.
         rng = random.Random(self._gather_tp([seed])[0])
         per_prompt = [params.clone() for _ in everyone]
         for p in per_prompt:
@@ -1280,10 +1362,11 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sleep(self):
-        """Level 2 (https://docs.vllm.ai/en/latest/features/sleep_mode.html): the weights and the KV cache are discarded,
-        buffers such as RoPE caches are kept. Level 1 would copy the weights to host memory and back every iteration,
-        only for the sync to overwrite them: after every wake_up(["weights"]) the loop loads the whole actor (it must:
-        the weights are garbage until then). vLLM pauses its scheduler first; on CPU that pause is all it does."""
+        """Level 2 (https://docs.vllm.ai/en/latest/features/sleep_mode.html): the weights and the KV cache are
+        discarded, buffers such as RoPE caches are kept. Level 1 would copy the weights to host memory and back every
+        iteration, only for the sync to overwrite them: after every wake_up(["weights"]) the loop loads the whole actor
+        (it must: the weights are garbage until then). vLLM pauses its scheduler first; on CPU that pause is all it
+        does."""
         super().sleep()
         self.llm.sleep(level=2)
 
@@ -1312,7 +1395,8 @@ def left_pad(sequences, pad_id, device):
     """token-id lists -> input_ids [n, T] left-padded, attention mask [n, T]."""
     T = max(map(len, sequences))
     input_ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in sequences], device=device)
-    attn = (torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]).long()
+    attn = (torch.arange(T, device=device)[None]
+            >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]).long()
     return input_ids, attn
 
 
@@ -1328,7 +1412,8 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_siz
     float32: tiny preset matched 0, one skipped sync 0.126): a bf16 engine that misses one small step holds nearly the
     same bf16 weights and cannot be told from a synced one; a stale engine shows once its drift outgrows bf16 rounding.
     Micro-batched, with logits for the response tokens only (logits_to_keep): the whole probe at once would hold
-    probe_size x sequence length x vocabulary float32 logits (8 x 9,024 x 151,936 ≈ 44 GB, ~110 GB with log-softmax)."""
+    probe_size x sequence length x vocabulary float32 logits (8 x 9,024 x 151,936 ≈ 44 GB, ~110 GB with
+    log-softmax)."""
     diffs = []
     for i in range(0, len(probe), micro_batch_size):
         part = probe[i:i + micro_batch_size]
@@ -1542,11 +1627,13 @@ def setup_distributed(cfg):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if "RANK" not in os.environ:  # plain `python asyppo.py`: a world of one, described as torchrun would (vLLM reads it too)
+    # plain `python asyppo.py`: a world of one, described as torchrun would (vLLM reads it too)
+    if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
@@ -1560,8 +1647,10 @@ def make_groups(layout, device, timeout):
     rank, groups = dist.get_rank(), {}
     for ranks in [layout.actor] + layout.critics:
         if tuple(ranks) not in groups:
-            groups[tuple(ranks)] = dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks, timeout=timeout)
-    mesh = lambda ranks: DeviceMesh.from_group(groups[tuple(ranks)], device.type) if rank in ranks else None  # noqa: E731
+            groups[tuple(ranks)] = (dist.group.WORLD if len(ranks) == layout.world
+                                    else dist.new_group(ranks, timeout=timeout))
+    mesh = lambda ranks: (DeviceMesh.from_group(groups[tuple(ranks)], device.type)  # noqa: E731
+                          if rank in ranks else None)
     return mesh(layout.actor), {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}
 
 
@@ -1660,7 +1749,8 @@ def load_eval_sets(cfg, tokenizer):
     e, sets = cfg.eval, {}
     for path in e.sets:
         rows = read_rows(path, [e.prompt_key, e.answer_key], cfg.data.skip_bad_rows)
-        sets[Path(path).stem] = ([encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows], [str(r[e.answer_key]) for r in rows])
+        sets[Path(path).stem] = ([encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows],
+                                 [str(r[e.answer_key]) for r in rows])
     return sets
 
 
@@ -1669,7 +1759,8 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_gr
     actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ... of every
     set); each rank generates for all its problems of all sets in one call; counts are summed over the ranks."""
     e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
-    sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
+    sampling = dict(temperature=e.temperature, top_p=e.top_p,
+                    max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
     prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
     for set_prompts, set_answers in eval_sets.values():
         mine = range(rank, len(set_prompts), world)
@@ -1702,22 +1793,44 @@ def save_checkpoint(ckpt_dir, step, held, probe, keep, kill_midway=False):
     rank, {name: (model, optimizer, scheduler)}), the step and the weight-sync probe; the data position and the RNG
     follow from the step. Written to step_N.tmp and renamed into place once complete, so a checkpoint directory
     without .tmp is always whole."""
-    rank = dist.get_rank()
     final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def start():  # a leftover .tmp is an unfinished save (killed mid-way): start it anew
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(sharded_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
-    if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    if rank == 0:
+
+    def finish():  # a step_N already there is from a run this one resumed before it: the new one replaces it
         torch.save({"next_step": step + 1, "probe": probe}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
             shutil.rmtree(old)
-    dist.barrier()
+    on_rank0(start, f"checkpoint {tmp}")
+    dcp.save(sharded_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
+    if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    on_rank0(finish, f"checkpoint {final}")
     return final
+
+
+class RankZeroError(RuntimeError):
+    pass
+
+
+def on_rank0(fn, what):
+    """fn() on rank 0 only (a decision or a file operation one rank must make), its result sent to every rank. An
+    error there stops every rank with rank 0's message, instead of leaving the others waiting at the next collective
+    until dist_timeout_min."""
+    result = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            result[0] = fn()
+        except Exception as e:
+            result[1] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(result, src=0)
+    if result[1]:
+        raise RankZeroError(f"{what}: {result[1]}")
+    return result[0]
 
 
 def sharded_state(held):
@@ -1787,13 +1900,14 @@ def advantages_and_masks(cfg, values, rewards, scores, mask, step):
     adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
     if cfg.algo.whiten_advantages:
         adv = masked_whiten(adv, mask)
-    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac,  # AsyPPO: Eq. 4-5
-                                           tie_seed=cfg.seed * 1_000_003 + step)
+    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac,  # AsyPPO: Eq. 4-5
+                                           cfg.algo.ent_filter_frac, tie_seed=cfg.seed * 1_000_003 + step)
     return adv, returns, adv_keep, ent_keep
 
 
 def quantiles(x, qs):
-    """torch.quantile's linear interpolation without its limit of 2^24 elements (2,048 responses x 8,193 tokens pass it).
+    """torch.quantile's linear interpolation without its limit of 2^24 elements
+    (2,048 responses x 8,193 tokens pass it).
     >>> quantiles(torch.tensor([3., 1., 2., 4.]), [0.5])  # -> tensor([2.5])"""
     x = x.flatten().sort().values  # [n]
     pos = torch.tensor(qs, dtype=torch.float64, device=x.device) * (len(x) - 1)
@@ -1804,14 +1918,16 @@ def quantiles(x, qs):
 def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     """The diagnostics of the paper's appendix: σ percentiles, per-critic explained variance, critic correlation."""
     M, valid = values.shape[0], mask.bool()
-    out = {"asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # AsyPPO: share of tokens with no policy gradient
+    # AsyPPO: share of tokens with no policy gradient
+    out = {"asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),
            "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask))}  # AsyPPO: share with no entropy bonus
     if M == 0:
         return out
     sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: critic disagreement σ of every valid token
     q = quantiles(sigma, [0.1, 0.5, 0.9]).tolist()
-    out.update({"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0], "asyppo/value_std_p50": q[1],
-                "asyppo/value_std_p90": q[2], "critic/value_mean": float(values.mean(0)[valid].mean()),
+    out.update({"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0],
+                "asyppo/value_std_p50": q[1], "asyppo/value_std_p90": q[2],
+                "critic/value_mean": float(values.mean(0)[valid].mean()),
                 "asyppo/value_std_zero_frac": float((sigma == 0).float().mean())})  # AsyPPO: exact ties (bf16 values)
     out.update({f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)})
     if M > 1:  # mean Pearson correlation of the critics' values over all pairs
@@ -1825,7 +1941,8 @@ def main(argv=None):
     wants_cuda(cfg)  # a GPU preset on a machine without one: say so first
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
-    is_actor = rank in layout.actor  # holds the actor and a rollout engine; the rollout, reward and actor update run here
+    # holds the actor and a rollout engine; the rollout, reward and actor update run here
+    is_actor = rank in layout.actor
     a = layout.actor.index(rank) if is_actor else None  # position among the actor ranks
     rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if is_actor else None  # forked first, while small
     rank, world, device = setup_distributed(cfg)
@@ -1841,7 +1958,8 @@ def main(argv=None):
     actor_path, critic_path = cfg.model.actor, cfg.model.critic
     if "tiny" in (actor_path, critic_path):
         if rank == 0:
-            log(f"tiny preset: building the base models (char tokenizer, Qwen3, {cfg.model.tiny_warm_start_steps} supervised warm-start steps: not RL)")
+            log(f"tiny preset: building the base models (char tokenizer, Qwen3, "
+                f"{cfg.model.tiny_warm_start_steps} supervised warm-start steps: not RL)")
             build_tiny_models(cfg, out_dir / "base")
         dist.barrier()
         actor_path = str(out_dir / "base" / "actor") if actor_path == "tiny" else actor_path
@@ -1849,20 +1967,26 @@ def main(argv=None):
     if cfg.algo.name == "ppo":
         critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
     critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
-    tokenizer = load_or_exit("model.actor", actor_path, lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code))
+    tokenizer = load_or_exit("model.actor", actor_path,
+                             lambda: AutoTokenizer.from_pretrained(actor_path,
+                                                                   trust_remote_code=cfg.model.trust_remote_code))
     for path in dict.fromkeys(critic_paths):
         check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
     dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None  # bad data stops the
     eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}  # run here, before any model is loaded
     timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # for every group, not only the default one
-    actor_mesh, critic_meshes = make_groups(layout, device, timeout)  # AsyPPO (split): the actor and each critic on their ranks
+    # AsyPPO (split): the actor and each critic on their ranks
+    actor_mesh, critic_meshes = make_groups(layout, device, timeout)
     tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size, timeout)
-    actor = load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh)) if is_actor else None
-    critics = {m: load_or_exit("model.critic", critic_paths[m], lambda: load_critic(critic_paths[m], cfg, device, mesh, cfg.seed + m))
+    actor = (load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh))
+             if is_actor else None)
+    critics = {m: load_or_exit("model.critic", critic_paths[m],
+                               lambda: load_critic(critic_paths[m], cfg, device, mesh, cfg.seed + m))
                for m, mesh in critic_meshes.items()}  # AsyPPO: the small critics held on this rank, {m: critic m}
     actor_optim = make_optimizer(actor, cfg.actor) if is_actor else None  # (AdamW, schedule)
     critic_optims = {m: make_optimizer(c, cfg.critic) for m, c in critics.items()}  # one AdamW + schedule per critic
-    held = {**({"actor": (actor, *actor_optim)} if is_actor else {}), **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()}}
+    held = {**({"actor": (actor, *actor_optim)} if is_actor else {}),
+            **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()}}
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = None
     if is_actor:  # starts from the actor's checkpoint
@@ -1874,7 +1998,9 @@ def main(argv=None):
 
     # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
     start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    resume_from = on_rank0(lambda: latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else  # one rank decides: ranks
+                           (Path(cfg.resume) if cfg.resume else None), "resume")  # with other views of the disk would
+    # load different steps and hang. Checkpoints need a filesystem every rank shares (each writes and reads its shards).
     if resume_from:
         t0 = time.time()
         start_step, probe = load_checkpoint(resume_from, held)
@@ -1882,15 +2008,19 @@ def main(argv=None):
             engine.load_weights(full_tensors(actor, engine.dtype))
         log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
-    say(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "  # DTensor numel: the full size
-                                            f"{sum(p.to_local().numel() for p in model.parameters()):,} here" for name, (model, _, _) in held.items()))
+    # DTensor numel: the full size
+    say(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "
+                                            f"{sum(p.to_local().numel() for p in model.parameters()):,} here"
+                                            for name, (model, _, _) in held.items()))
     log(f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
         f"batch: {B} prompts x {G} responses = {N} sequences per iteration, {sizes.n_local} per actor rank\n"
-        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step -> {sizes.actor_steps} "
-        f"step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); {sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
+        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
+        f"-> {sizes.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
+        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
     if M:
-        log(f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; {cfg.critic.sequences_per_step} per "
-            f"optimizer step -> {sizes.critic_steps} step(s) per iteration; {sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
+        log(f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
+            f"{cfg.critic.sequences_per_step} per optimizer step -> {sizes.critic_steps} step(s) per iteration; "
+            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
 
     metrics_file = samples_file = None
     if rank == 0:
@@ -1898,13 +2028,15 @@ def main(argv=None):
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
         samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
-    rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # this actor rank's sequences of the batch
+    # this actor rank's sequences of the batch
+    rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
     masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
     skipped_updates, stop_signal, sync_diff, run_peak = 0, [], (0.0, 0.0), peak_memory_gb(device, reset=True)
     sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
 
-    def phase_memory(metrics, phase):  # memory/PHASE_gb: the peak of the phase that just ended (then reset for the next)
+    # memory/PHASE_gb: the peak of the phase that just ended (then reset for the next)
+    def phase_memory(metrics, phase):
         metrics[f"memory/{phase}_gb"] = peak_memory_gb(device, reset=True)
 
     def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
@@ -1912,7 +2044,8 @@ def main(argv=None):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    bar = tqdm(range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step, total=cfg.max_steps)
+    bar = tqdm(range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step,
+               total=cfg.max_steps)
     interrupted = None
     try:
         for step in bar:
@@ -1925,14 +2058,17 @@ def main(argv=None):
                 # ======== 1. rollout (actor ranks): G responses for each of this rank's prompts ======================
                 prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
                 mine = slice(a * sizes.prompts_local, (a + 1) * sizes.prompts_local)
-                responses, sampler_logp = engine.generate(prompts[mine], G, seed)  # grouped: G consecutive rows per prompt
+                # grouped: G consecutive rows per prompt
+                responses, sampler_logp = engine.generate(prompts[mine], G, seed)
                 prompts = [p for p in prompts[mine] for _ in range(G)]
                 answers = [x for x in answers[mine] for _ in range(G)]
-                if step == start_step:  # a fixed probe batch for the weight-sync check: the first sequences of the first
-                    probe = probe or [(p, r) for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]  # rollout,
+                # a fixed probe batch for the weight-sync check: the first sequences of the first rollout,
+                if step == start_step:
+                    probe = probe or [(p, r) for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
                     sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,  # checked while still awake
                                                   tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
-                engine.sleep()  # the engine hands its GPU memory to training until the next sync (refuses work until then)
+                # the engine hands its GPU memory to training until the next sync (refuses work until then)
+                engine.sleep()
                 metrics["time/rollout_s"] = time.time() - t_start
 
                 # ======== 2. reward (actor ranks): math-verify on the decoded response ===============================
@@ -1946,22 +2082,25 @@ def main(argv=None):
                     samples_file.flush()
 
             # ======== 3. the rollout batch goes to every rank: every critic values every sequence ====================
-            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device)
+            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id,
+                                                   device)
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             L = mask.shape[1]
             phase_memory(metrics, "rollout")
 
-            # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ===================
+            # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ==================
             t0 = time.time()
             values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
             if is_actor:
                 pi_old = lambda m, i, a, s: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False, s)[0]  # [n, L]
                 old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
                 engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
-                metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))  # engine vs trainer
+                # engine vs trainer
+                metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))
             metrics["time/values_s"] = time.time() - t0
             for m in range(M):
-                broadcast_chunks(values[m], layout.critics[m])  # AsyPPO: every critic's values of every sequence, to every rank
+                # AsyPPO: every critic's values of every sequence, to every rank
+                broadcast_chunks(values[m], layout.critics[m])
             phase_memory(metrics, "values")
 
             # ======== 5. advantages and uncertainty masks, on the whole batch: every rank computes the same ===========
@@ -1983,12 +2122,12 @@ def main(argv=None):
                 actor_updated, skipped_updates = False, skipped_updates + 1
 
             # ======== 6. actor update (actor ranks): PPO epochs x minibatches, uncertainty-masked clipped surrogate ===
-            # ======== 7. critic updates (critics' ranks), each critic on its own shard: in split, 6 and 7 run at once ==
+            # ======== 7. critic updates (critics' ranks), each critic on its own shard: in split, 6 and 7 run at once =
             if is_actor and actor_updated:
                 t0 = time.time()
-                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, (input_ids[rows], attn[rows], mask[rows]), old_logp,
-                                            adv[rows], adv_keep[rows], ent_keep[rows], torch.Generator().manual_seed(seed),
-                                            step == cfg.debug.nan_loss_step))
+                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, (input_ids[rows], attn[rows], mask[rows]),
+                                            old_logp, adv[rows], adv_keep[rows], ent_keep[rows],
+                                            torch.Generator().manual_seed(seed), step == cfg.debug.nan_loss_step))
                 spans["actor"] = (t0, time.time())
             if critics and not cfg.algo.critic_first:
                 t0 = time.time()
@@ -2013,15 +2152,18 @@ def main(argv=None):
                                               tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
                 metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = sync_diff  # mean (checked), max
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
-                    eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group())
+                    eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder,
+                                            actor_mesh.get_group())
 
             # ======== 9. log: every rank's metrics, merged ==========================================================
             phase_memory(metrics, "sync")
-            metrics["memory/peak_gb"] = max(v for k, v in metrics.items() if k.startswith("memory/"))  # this iteration's
+            # this iteration's
+            metrics["memory/peak_gb"] = max(v for k, v in metrics.items() if k.startswith("memory/"))
             run_peak = max(run_peak, metrics["memory/peak_gb"])
             metrics = merge_over_ranks({**metrics, **eval_metrics}, spans)
             skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
-            metrics.update({"step": step, "reward/mean": float(scores.mean()), "response/length_mean": float(mask.sum(1).mean()),
+            metrics.update({"step": step, "reward/mean": float(scores.mean()),
+                            "response/length_mean": float(mask.sum(1).mean()),
                             "train/skipped_updates": skipped_updates, "time/iteration_s": time.time() - t_start})
             if rank == 0:
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
@@ -2037,16 +2179,20 @@ def main(argv=None):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (stop and cfg.save_on_signal):
                 t0 = time.time()
-                path = save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints, kill_midway=step == cfg.debug.kill_in_save_step)
+                path = save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints,
+                                       kill_midway=step == cfg.debug.kill_in_save_step)
                 log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
             if stop:
                 interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
-                log(f"stopped by {interrupted} after iteration {step}" + (f"; resume with resume=auto" if cfg.save_on_signal else ""))
+                log(f"stopped by {interrupted} after iteration {step}"
+                    + (f"; resume with resume=auto" if cfg.save_on_signal else ""))
                 break
     except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
         good = latest_checkpoint(ckpt_dir)
         sys.exit(f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
                  f"set on_nonfinite=skip to skip such updates instead")
+    except RankZeroError as e:  # every rank stops with rank 0's message
+        sys.exit(f"iteration {step}: {e}")
 
     if not interrupted:
         export_all(actor, critics, layout, tokenizer, out_dir / "final", getattr(torch, cfg.model.param_dtype))
@@ -2069,35 +2215,42 @@ def load_or_exit(what, path, load):
     local = Path(path).expanduser()
     if local.exists() or str(path).startswith((".", "/", "~")):
         if not local.is_dir():
-            sys.exit(f"{what}: '{path}' is not a directory" + (" (point to the model's directory, not a file in it)" if local.is_file() else ""))
+            sys.exit(f"{what}: '{path}' is not a directory"
+                     + (" (point to the model's directory, not a file in it)" if local.is_file() else ""))
         if not (local / "config.json").is_file():
             sys.exit(f"{what}: '{path}' has no config.json: not a transformers model directory")
     try:
         return load()
     except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
-        hint = " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
-        sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{hint}")
+        hint = (" Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e)
+                else "")
+        sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: "
+                 f"{(str(e).strip().splitlines() or [''])[0][:300]}{hint}")
 
 
 def check_critic_vocab(tokenizer, path, trust_remote_code):
     """The critics read the actor's token ids: their vocabulary must be the actor's."""
-    config = load_or_exit("model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    config = load_or_exit("model.critic", path,
+                          lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
     if config.vocab_size < len(tokenizer):
-        sys.exit(f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, smaller than the actor tokenizer's {len(tokenizer)}")
+        sys.exit(f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, "
+                 f"smaller than the actor tokenizer's {len(tokenizer)}")
     try:
         critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
     except (OSError, ValueError):
         return  # a checkpoint without a tokenizer: the size check above is all we can do
     if critic_vocab != tokenizer.get_vocab():
-        sys.exit(f"model.critic: '{path}' has a different tokenizer from the actor's ({len(critic_vocab)} vs {len(tokenizer)} "
-                 f"tokens, or the same ids for other tokens): the critics must read the actor's token ids")
+        sys.exit(f"model.critic: '{path}' has a different tokenizer from the actor's "
+                 f"({len(critic_vocab)} vs {len(tokenizer)} tokens, or the same ids for other tokens): "
+                 f"the critics must read the actor's token ids")
 
 
 def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
     """Accumulate, per token string, how often it was generated, masked from the policy gradient, filtered from the
     entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
     valid = mask.bool()
-    for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)), ("ent_filtered", valid & (ent_keep == 0))):
+    for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)),
+                          ("ent_filtered", valid & (ent_keep == 0))):
         ids, n = torch.stack(torch.unique(tokens[selected], return_counts=True)).tolist()  # one copy to the host
         for text, k in zip(tokenizer.convert_ids_to_tokens(ids), n):
             counts[key][text] = counts[key].get(text, 0) + k

@@ -689,7 +689,7 @@ def test_script_jsonl_data(tmp_path):
     rows = [{"question": f"{a}+{b}=", "final_answer": str(a + b)} for a in range(10) for b in range(3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run([sys.executable, "asyppo.py", "max_steps=2", f"output_dir={tmp_path / 'out'}", "data.task=jsonl",
-         f"data.train_path={tmp_path / 'train.jsonl'}", "algo.critic_first=true"])
+         f"data.train_path={tmp_path / 'train.jsonl'}", "algo.critic_first=true", "rollout.prompts_per_step=16"])
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
@@ -1064,7 +1064,8 @@ def test_data_field_mapping_difficulty_sampling_and_length_cap(tmp_path):
     rows.append({"q": "9" * 40 + "+1=", "a": 0, "level": 1})  # longer than max_prompt_tokens: dropped
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = asyppo.parse_config([f"data.train_path={tmp_path / 'd.jsonl'}", "data.task=jsonl", "data.prompt_key=q",
-                               "data.answer_key=a", "data.difficulty_key=level", "data.num_prompts=30"])
+                               "data.answer_key=a", "data.difficulty_key=level", "data.num_prompts=30",
+                               "rollout.prompts_per_step=16"])
     logs = []
     prompts, answers = asyppo.load_prompts(cfg, asyppo.tiny_tokenizer(), logs.append)
     tok = asyppo.tiny_tokenizer()
@@ -1320,8 +1321,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path):
 def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
     run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=5", "debug.nan_loss_step=2", "on_nonfinite=skip", *FAST])
     metrics = read_metrics(tmp_path)
-    assert [m["actor/skipped_steps"] for m in metrics] == [0, 0, 2, 0, 0]  # both optimizer steps of iteration 2
-    assert [m["train/skipped_updates"] for m in metrics] == [0, 0, 2, 2, 2]
+    assert [m["actor/skipped_steps"] for m in metrics] == [0, 0, 8, 0, 0]  # all 8 optimizer steps of iteration 2
+    assert [m["train/skipped_updates"] for m in metrics] == [0, 0, 8, 8, 8]
     weights = final_weights(tmp_path)["actor"]
     assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN never reached the weights
 
@@ -1335,6 +1336,19 @@ def test_kill_mid_save_keeps_the_previous_checkpoint_and_resume_picks_it(tmp_pat
     log = run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *FAST])
     assert "step_0000002: continuing at iteration 2" in log
     assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3, 2, 3, 4, 5]  # the log keeps the lost iterations
+
+
+def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone renames the finished checkpoint into place. When that fails (here a file sits where the directory
+    goes), every rank must stop with the message; the other ranks used to wait at a barrier until dist_timeout_min."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_0000002").write_text("in the way")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "asyppo.py",
+                        f"output_dir={tmp_path}", "max_steps=4", "save_steps=2", *FAST], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    stops = re.findall(r"iteration 1: checkpoint \S*step_0000002: (\w+Error)", p.stderr)
+    assert len(stops) == 2, p.stderr[-3000:]  # both ranks, with rank 0's reason
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
