@@ -2026,6 +2026,9 @@ def main(argv=None):
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        # the best evaluation so far (the paper reports each run's peak), a resumed run's earlier log included
+        best_eval = max(((m[k], m["step"]) for m in read_metrics_before(out_dir, start_step) for k in m
+                         if k.startswith("eval/mean/") and not k.endswith(("_best", "_best_step"))), default=None)
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
         samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
     # this actor rank's sequences of the batch
@@ -2167,6 +2170,10 @@ def main(argv=None):
                             "train/skipped_updates": skipped_updates, "time/iteration_s": time.time() - t_start})
             if rank == 0:
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
+                mean_key = f"eval/mean/avg@{cfg.eval.k}"
+                if mean_key in metrics:  # eval/mean/avg@k_best and the iteration it came from: the peak, on one line
+                    best_eval = max(best_eval or (-1.0, -1), (metrics[mean_key], step))
+                    metrics[f"{mean_key}_best"], metrics[f"{mean_key}_best_step"] = best_eval
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
@@ -2264,6 +2271,13 @@ def write_diagnostics(path, step, counts, top=20):
         line[key] = [[tok, n, round(n / counts["seen"][tok], 3)] for tok, n in ranked]
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def read_metrics_before(out_dir, step):
+    """The metrics.jsonl lines of iterations before `step` (a resumed run appends to the log it continues)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if step and path.exists() else []
+    return [m for m in map(json.loads, lines) if m["step"] < step]
 
 
 def export_all(actor, critics, layout, tokenizer, path, dtype):

@@ -1094,6 +1094,8 @@ def test_evaluation_avg_at_k_on_files_with_known_answers(tmp_path):
     # the base model answers about half of them right (0.45-0.61 over seeds 42, 1, 2); 300 samples: a multiple of 1/300
     assert 0.3 < m["eval/right/avg@3"] <= 1.0 and (m["eval/right/avg@3"] * 300) == pytest.approx(round(m["eval/right/avg@3"] * 300))
     assert m["eval/mean/avg@3"] == pytest.approx((m["eval/right/avg@3"] + m["eval/wrong/avg@3"]) / 2)
+    # the peak the paper reports, read off one line: the best mean so far and its iteration
+    assert (m["eval/mean/avg@3_best"], m["eval/mean/avg@3_best_step"]) == (m["eval/mean/avg@3"], 1)
 
 
 def comparable(metrics):
