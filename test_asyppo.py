@@ -1542,3 +1542,69 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert summary.rstrip().endswith("gpu_check: all parts passed")
     for name in ("part1_tiny", "part2_qwen3_0.6b", "part2_qwen3_0.6b_dry_run"):
         assert (tmp_path / f"{name}.log").is_file()
+
+
+def test_prepare_data_from_fixtures_in_each_sources_layout(tmp_path):
+    """tools/prepare_data.py (README "GPU runbook", steps 3-4) turns rows in each public source's own field layout
+    into the files the presets read: the training file with DeepMath's names and difficulty, the six evaluation
+    files as {problem, answer}, every gold answer unchanged (OlympiadBench's list: its items joined by ", ", which
+    the reward reads exactly as it reads the list). Offline: --from-dir fixtures, never the hub."""
+    src = {  # a few rows per source, with the fields each one has (SOURCES in tools/prepare_data.py)
+        "deepmath_103k": [{"question": "Evaluate $\\lim_{x\\to 0} \\frac{\\sin x}{x}$.", "final_answer": "1",
+                           "difficulty": 4.5, "topic": "Calculus", "r1_solution_1": "...", "r1_solution_2": "...",
+                           "r1_solution_3": "..."},
+                          {"question": "Find $x$ with $x^2 = 8$, $x > 0$.", "final_answer": "2\\sqrt{2}",
+                           "difficulty": 6.0, "topic": "Algebra", "r1_solution_1": "", "r1_solution_2": "",
+                           "r1_solution_3": ""}],
+        "math500": [{"problem": "What is $\\frac{1}{2} + \\frac{1}{3}$?", "solution": "... $\\boxed{\\frac56}$",
+                     "answer": "\\frac{5}{6}", "subject": "Prealgebra", "level": 2,
+                     "unique_id": "test/prealgebra/1.json"},
+                    {"problem": "Solve $|x| < 1$.", "solution": "...", "answer": "(-1,1)", "subject": "Algebra",
+                     "level": 3, "unique_id": "test/algebra/2.json"}],
+        "olympiadbench": [{"id": 1606, "question": "Find all pairs.", "solution": ["..."],
+                           "final_answer": ["$69$", "$84$"], "context": None, "is_multiple_answer": True, "unit": None,
+                           "answer_type": "Numerical",
+                           "subfield": "Combinatorics", "language": "English", "modality": "Text-only"},
+                          {"id": 2500, "question": "Compute the ratio.", "solution": ["..."],
+                           "final_answer": ["$\\frac{1}{2}$"], "context": None, "is_multiple_answer": False,
+                           "unit": None, "answer_type": "Numerical", "subfield": "Algebra", "language": "English",
+                           "modality": "Text-only"}],
+        "minerva_math": [{"question": "Compute the star's luminosity in erg/s.", "answer": "4.5e33"},
+                         {"question": "Give the wavelength in nm.", "answer": "500"}],
+        "amc23": [{"id": 0, "question": "How many positive divisors does $12$ have?", "answer": 6.0,
+                   "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_1"}],
+        "aime24": [{"id": 60, "problem": "Every morning Aya goes for a walk...", "solution": "...", "answer": "204",
+                    "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+                    "year": "2024"}],
+        "aime25": [{"question": "Find the sum of all integer bases $b>9$ ...", "answer": "70"},  # AIME2025-I
+                   {"question": "Find the number of ordered pairs ...", "answer": "117"}],  # AIME2025-II
+    }
+    fixtures, out = tmp_path / "fixtures", tmp_path / "out"
+    fixtures.mkdir()
+    for name, rows in src.items():
+        (fixtures / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(p.stdout.splitlines()) == 7  # one line per file written
+
+    train = asyppo.read_rows(out / "deepmath_103k.jsonl", ["question", "final_answer", "difficulty"])
+    assert train == [{k: r[k] for k in ("question", "final_answer", "difficulty")} for r in src["deepmath_103k"]]
+    joined = {"olympiadbench": ["$69$, $84$", "$\\frac{1}{2}$"]}
+    for name in ("math500", "olympiadbench", "minerva_math", "amc23", "aime24", "aime25"):
+        rows = asyppo.read_rows(out / "eval" / f"{name}.jsonl", ["problem", "answer"])  # the trainer's own reader
+        assert [sorted(r) for r in rows] == [["answer", "problem"]] * len(src[name])  # exactly the fields it reads
+        prompt = "problem" if name in ("math500", "aime24") else "question"
+        answer = "final_answer" if name == "olympiadbench" else "answer"
+        assert [r["problem"] for r in rows] == [s[prompt] for s in src[name]]
+        assert [r["answer"] for r in rows] == joined.get(name, [s[answer] for s in src[name]])  # unchanged
+    for items, text in zip([s["final_answer"] for s in src["olympiadbench"]], joined["olympiadbench"]):
+        assert asyppo.gold_texts(text) == asyppo.gold_texts(str(items))  # the reward reads the join as the list
+
+    # A copy in another layout (Maxwell-Jia/AIME_2024 writes Problem / Answer): one line naming what it has
+    (fixtures / "aime24.jsonl").write_text(json.dumps({"ID": "2024-I-1", "Problem": "...", "Answer": 204}) + "\n")
+    p = subprocess.run([sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out),
+                        "--only", "aime24"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "aime24.jsonl: row 1: no field(s) ['problem', 'answer']; it has ['Answer', 'ID', 'Problem']" in p.stderr
+    assert asyppo.read_rows(out / "eval" / "aime24.jsonl", ["problem", "answer"])[0]["answer"] == "204"  # untouched
