@@ -500,7 +500,7 @@ def memory_plan(cfg, world):
         # the LM head's logits in param dtype, then float32: the copy, / temperature, log-softmax, probs and p * log p
         # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
         logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
-        grads = 4 * max(root, 2 * layer)  # FSDP2: the root's (or 2 layers') unsharded float32 gradients, to reduce-scatter
+        grads = 4 * max(root, 2 * layer)  # FSDP2: unsharded float32 gradients of the root (or 2 layers) to reduce
         # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies (no gradients)
         no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * (3 * 4 + bf))
         return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB
