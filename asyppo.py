@@ -12,7 +12,7 @@ holds everything ("colocated"), or the actor and the critics sit on ranks of the
 time ("split").
 
 Runbook
-  python asyppo.py                                    # tiny preset: built in code, offline, CPU, about 1 min
+  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~3 min (500 it.)
   torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
   python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
   torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor,
