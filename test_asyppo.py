@@ -253,6 +253,45 @@ def test_policy_loss_token_mean_option():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# README "Use AsyPPO in your own trainer": its code block, run as written
+# ---------------------------------------------------------------------------------------------------------------
+def test_readme_guide_code(monkeypatch):
+    """The README's guide block runs one AsyPPO step on stand-in tensors: the loss is finite and reaches the actor,
+    each mask drops exactly floor(0.2 n) valid tokens at the right end of σ, the masks folded into the inputs give
+    the same loss, and critic m's value loss sees the rows of its shard only (every prompt, G/M of its responses)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- guide-code -->\s*```python\n(.*?)```\s*<!-- /guide-code -->", text, re.S).group(1)
+    calls = []  # the block imports value_loss from asyppo: record what each critic's loss is given
+
+    def recording_value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
+        calls.append((values.detach().clone(), returns.clone(), mask.clone()))
+        return value_loss(values, returns, mask, loss_agg)
+
+    monkeypatch.setattr(asyppo, "value_loss", recording_value_loss)
+    ns = {}
+    with torch.random.fork_rng():  # the block seeds torch's global generator: leave it as it was
+        exec(compile(block, "README.md guide-code", "exec"), ns)
+    loss, same, logits, mask, values = ns["loss"], ns["same"], ns["logits"], ns["mask"], ns["values"]
+    assert torch.isfinite(loss) and approx(same, loss)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    valid = mask.bool()
+    k = int(0.2 * int(valid.sum()))
+    sigma = values.std(0, unbiased=False)  # [N, L]
+    for keep, dropped_end in ((ns["adv_keep"], "lowest"), (ns["ent_keep"], "highest")):
+        assert int((keep[valid] == 0).sum()) == k and not keep[~valid].any()
+        dropped, kept = sigma[valid & (keep == 0)], sigma[valid & (keep == 1)]
+        assert (dropped.max() <= kept.min()) if dropped_end == "lowest" else (dropped.min() >= kept.max())
+    P, G, M, shard, returns = ns["P"], ns["G"], ns["M"], ns["shard"], ns["returns"]
+    assert (torch.stack([(shard.view(P, G) == m).sum(1) for m in range(M)]) == G // M).all()
+    assert len(calls) == M
+    for m, (v_m, returns_m, mask_m) in enumerate(calls):
+        assert torch.equal(returns_m, returns[shard == m]) and torch.equal(mask_m, mask[shard == m])
+        assert v_m.shape == (P * G // M, mask.shape[1])
+        grads = [p.grad for p in ns["critics"][m].parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Forward passes: a micro-batch cut to its own span computes what the batch's full padded width computes
 # ---------------------------------------------------------------------------------------------------------------
 def full_width(actor, critic, input_ids, attn, L, temperature):
