@@ -23,7 +23,7 @@ Runbook
       asyppo.py --config configs.yaml                 # the same on 2 nodes x 8 GPUs
 Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration), OUTPUT_DIR/samples.jsonl (4 decoded responses
 per iteration with their answers and rewards) and OUTPUT_DIR/final/{actor,critic0,..} (directories that load with
-transformers' from_pretrained).
+transformers' from_pretrained). report_to=[tensorboard,wandb] also logs the metrics to OUTPUT_DIR/tensorboard and W&B.
 """
 
 import argparse
@@ -192,6 +192,9 @@ class Config:
     #                              exit at once)
     diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N
     #                        iterations
+    report_to: list = field(default_factory=list)  # also log each metrics.jsonl line to: tensorboard, wandb (optional
+    #                                                installs), e.g. [tensorboard, wandb]; []: metrics.jsonl only
+    wandb_project: str = "asyppo"  # report_to wandb: the W&B project; the run is named after output_dir
     device: str = "auto"  # auto | cpu | cuda
     placement: str = "colocated"  # colocated: every rank holds the actor, a rollout engine and every critic | split
     #                               (the paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the
@@ -218,6 +221,7 @@ CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "a
            "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
            "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}, "on_nonfinite": {"stop", "skip"},
            "placement": {"colocated", "split"}}
+TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # report_to item -> the module it imports
 
 
 def set_config_value(cfg, key, value):
@@ -327,6 +331,7 @@ def validate_config(cfg):
     for key in ("actor.lr", "critic.lr", "actor.max_grad_norm", "critic.max_grad_norm", "rollout.temperature",
                 "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.gpu_memory_gb"):
         need(key, get(key) > 0, "must be > 0")
+    need("report_to", all(str(name) in TRACKERS for name in cfg.report_to), f"items must be in {sorted(TRACKERS)}")
     for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
         need(key, 0 <= get(key) < 1, "must be in [0, 1)")
     need("algo.ent_filter_frac", cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1,
@@ -1939,6 +1944,7 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     wants_cuda(cfg)  # a GPU preset on a machine without one: say so first
+    import_trackers(cfg.report_to)  # report_to names a package that is not installed: say so before loading anything
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
     # holds the actor and a rollout engine; the rollout, reward and actor update run here
@@ -2031,6 +2037,8 @@ def main(argv=None):
                          if k.startswith("eval/mean/") and not k.endswith(("_best", "_best_step"))), default=None)
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
         samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
+    tracker = Tracker()  # report_to: TensorBoard and/or W&B, opened on rank 0; a failure there (a W&B login) stops all
+    on_rank0(lambda: tracker.open(cfg, out_dir, start_step), "report_to")
     # this actor rank's sequences of the batch
     rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
@@ -2176,6 +2184,7 @@ def main(argv=None):
                     metrics[f"{mean_key}_best"], metrics[f"{mean_key}_best_step"] = best_eval
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
+                tracker.log(metrics)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
                 count_masked_tokens(masked_counts, tokenizer, input_ids[:, -L:], mask, adv_keep, ent_keep)
                 if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
@@ -2196,9 +2205,11 @@ def main(argv=None):
                 break
     except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
         good = latest_checkpoint(ckpt_dir)
+        tracker.close(exit_code=1)
         sys.exit(f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
                  f"set on_nonfinite=skip to skip such updates instead")
     except RankZeroError as e:  # every rank stops with rank 0's message
+        tracker.close(exit_code=1)
         sys.exit(f"iteration {step}: {e}")
 
     if not interrupted:
@@ -2209,6 +2220,7 @@ def main(argv=None):
     if metrics_file:
         metrics_file.close()
         samples_file.close()
+    tracker.close()
     if is_actor:
         rewarder.close()
         engine.close()
@@ -2278,6 +2290,55 @@ def read_metrics_before(out_dir, step):
     path = Path(out_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if step and path.exists() else []
     return [m for m in map(json.loads, lines) if m["step"] < step]
+
+
+def import_trackers(report_to):
+    """The optional packages report_to names, imported at start-up on every rank: a missing one is one line."""
+    for name in report_to:
+        try:
+            importlib.import_module(TRACKERS[name])
+        except ImportError as e:
+            sys.exit(f"report_to: {name} cannot be imported ({e}). Install it: pip install {name}")
+
+
+class Tracker:
+    """report_to: rank 0 sends each metrics.jsonl line to TensorBoard and/or Weights & Biases too (every key but
+    "step", which is the x-axis), and the resolved config once. Nothing happens on ranks where it was not opened.
+    TensorBoard: OUTPUT_DIR/tensorboard; a run that starts at iteration s hides the events of iterations >= s that an
+    earlier run there wrote (purge_step), so a resumed run continues the curves and a fresh one replaces them.
+    W&B: OUTPUT_DIR/wandb (WANDB_MODE=offline: no network, `wandb sync` later); a resumed run continues the W&B run
+    whose id OUTPUT_DIR/wandb_run_id holds (W&B ignores the iterations it already has), a fresh run starts a new one."""
+    tb = wandb = None
+
+    def open(self, cfg, out_dir, start_step):
+        config = dataclasses.asdict(cfg)
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
+            self.tb.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}```", start_step)  # markdown
+        if "wandb" in cfg.report_to:
+            import wandb
+            id_file = out_dir / "wandb_run_id"
+            run_id = id_file.read_text() if start_step and id_file.exists() else None  # None: a new run
+            self.wandb = wandb.init(project=cfg.wandb_project, name=out_dir.name, id=run_id, resume="allow",
+                                    dir=out_dir, config=config)
+            id_file.write_text(self.wandb.id)
+
+    def log(self, metrics):
+        scalars = {k: v for k, v in metrics.items() if k != "step"}
+        if self.tb:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, metrics["step"])
+            self.tb.flush()  # like metrics.jsonl: every iteration is on disk even if the run dies
+        if self.wandb:
+            self.wandb.log(scalars, step=metrics["step"])
+
+    def close(self, exit_code=0):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish(exit_code=exit_code)
+        self.tb = self.wandb = None
 
 
 def export_all(actor, critics, layout, tokenizer, path, dtype):

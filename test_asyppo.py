@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -1410,6 +1411,104 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert f"stopped by {sig.name} after iteration {step}" in out
     assert (tmp_path / "checkpoints" / f"step_{step + 1:07d}" / "trainer_state.pt").exists()
     assert not (tmp_path / "final").exists()  # an interrupted run exports nothing: resume=auto continues it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experiment tracking: report_to=[tensorboard, wandb] gets every metrics.jsonl line (optional installs)
+# ---------------------------------------------------------------------------------------------------------------
+def test_report_to_from_the_command_line_and_yaml(tmp_path):
+    assert asyppo.Config().report_to == []  # metrics.jsonl only
+    assert asyppo.parse_config(["report_to=[tensorboard, wandb]"]).report_to == ["tensorboard", "wandb"]
+    (tmp_path / "presets.yaml").write_text("default: a\npresets:\n  a: {report_to: [wandb], wandb_project: p}\n")
+    cfg = asyppo.parse_config(["--config", str(tmp_path / "presets.yaml")])
+    assert cfg.report_to == ["wandb"] and cfg.wandb_project == "p"
+    for argv, message in ((["report_to=[tb]"], "'report_to' items must be in ['tensorboard', 'wandb'], got ['tb']"),
+                          (["report_to=wandb"], "'report_to' must be list, got str 'wandb'")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            asyppo.parse_config(argv)
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "wandb"])
+def test_report_to_a_missing_package_stops_at_start_with_one_line(tmp_path, name):
+    """None in sys.modules is how Python blocks an import: the same ImportError as a package that is not installed."""
+    hide = (f"import sys, runpy; sys.modules[{name!r}] = None; sys.argv = ['asyppo.py', 'output_dir={tmp_path}', "
+            f"'report_to=[{name}]']; runpy.run_path('asyppo.py', run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"report_to: {name} cannot be imported "
+                                                                   f"(import of {name} halted; None in sys.modules). "
+                                                                   f"Install it: pip install {name}"]
+    assert not any(tmp_path.iterdir())  # nothing built, nothing loaded
+
+
+def wandb_records(path):
+    """The protobuf Records of a W&B run file (run-ID.wandb), read with wandb's own message types (wandb 0.31 has no
+    Python reader of the file: its Go core reads and writes it). The file is a LevelDB log: a 7-byte header (":W&B",
+    magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each behind a 7-byte header (crc32, length, type: 1 a
+    whole record, 2/3/4 its first/middle/last piece); a block tail under 7 bytes is padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    data = Path(path).read_bytes()
+    assert data[:7] == b":W&B\xe1\xbe\x00"
+    pos, chunks = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = Record()
+            record.ParseFromString(chunks)
+            yield record
+            chunks = b""
+
+
+def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_path):
+    """3 iterations with a checkpoint after the 2nd, then resumed there: iteration 2 runs twice. metrics.jsonl keeps
+    both lines; TensorBoard shows the resumed run's (purge_step); W&B continues the same run id offline."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb_home"),
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_home")}
+    out = tmp_path / "out"
+    for extra in (["max_steps=3"], ["max_steps=3", "resume=auto"]):
+        cmd = [sys.executable, "asyppo.py", f"output_dir={out}", "save_steps=2", "report_to=[tensorboard, wandb]",
+               *FAST]
+        p = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "continuing at iteration 2" in p.stdout
+    lines = read_metrics(out)
+    assert [m["step"] for m in lines] == [0, 1, 2, 2]
+    latest = {m["step"]: m for m in lines}  # the resumed run's line of iteration 2
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(lines[0]) - {"step"}
+    for key in events.Tags()["scalars"]:
+        logged = [(e.step, e.value) for e in events.Scalars(key)]  # float32
+        assert logged == [(s, pytest.approx(m[key], rel=1e-6, abs=1e-30)) for s, m in latest.items()], key
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"output_dir: {out}" in config_text and "- tensorboard" in config_text
+
+    run_id = (out / "wandb_run_id").read_text()
+    run_dirs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_dirs) == 2  # the resumed run wrote under the same id
+    history, configs = {}, []
+    for run_dir in run_dirs:
+        for record in wandb_records(run_dir / f"run-{run_id}.wandb"):
+            if record.WhichOneof("record_type") == "history":
+                row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)  # a key with "/" is
+                       for item in record.history.item}  # stored as nested_key, one element
+                history.setdefault(row.pop("_step"), []).append(row)
+            elif record.WhichOneof("record_type") == "run":
+                configs.append({u.key: json.loads(u.value_json) for u in record.run.config.update})
+                assert record.run.project == "asyppo" and record.run.display_name == "out"
+    assert sorted(history) == [0, 1, 2] and len(history[2]) == 2  # offline: each run's file has its own rows
+    for step, rows in history.items():
+        wanted = [m for m in lines if m["step"] == step]
+        assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] == \
+            [{k: v for k, v in m.items() if k != "step"} for m in wanted]  # every key, exactly (JSON floats)
+    assert [c["report_to"] for c in configs] == [["tensorboard", "wandb"]] * 2 and configs[1]["resume"] == "auto"
 
 
 # ---------------------------------------------------------------------------------------------------------------
