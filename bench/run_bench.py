@@ -1,13 +1,22 @@
-"""Benchmark: AsyPPO against its baselines on the two tiny tasks, several seeds each, one command.
+"""Benchmark: AsyPPO against its baselines on the two tiny tasks, 5 seeds per cell, with 95% confidence intervals.
 
     pip install -r bench/requirements.txt     # matplotlib, on top of the core requirements
-    python bench/run_bench.py                  # ~30 min on 2 CPU cores; writes bench/results.md and bench/curves.png
+    python bench/run_bench.py                  # 4 methods x 2 tasks x 5 seeds; writes bench/results.md, curves.png
+    python bench/run_bench.py --jobs 2         # two runs at a time (one per core): about half the wall time
 
-Every run is the real script (`python asyppo.py --config configs.yaml --preset P algo.name=V seed=S ...`), one at a
-time, so that the seconds per iteration of the variants are measured side by side on the same machine.
+Every run is the real script (`python asyppo.py --config configs.yaml --preset P algo.name=V seed=S ...`). With
+--jobs 1 the runs go one after another, so seconds per iteration compare side by side; with more jobs they share the
+machine and the seconds per iteration are not a speed comparison (bench/placement.py is).
+
+Per cell: the reward's 25-iteration moving average at the last iteration, and the first iteration at which that
+average reaches the task's threshold, as mean ± the half-width of a 95% confidence interval over seeds (Student's t,
+n - 1 degrees of freedom). A seed that never reaches the threshold is counted and left out of that mean.
 """
+
 import argparse
+import concurrent.futures
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -18,67 +27,99 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["asyppo", "ppo", "ppo_small", "grpo"]
 TASKS = {"tiny": "add (3+5=)", "tiny-add2": "add2 (47+38=, digit by digit)"}
+THRESHOLD = {"tiny": 0.95, "tiny-add2": 0.8}  # "iterations to threshold": the 25-iteration average reaching it
 WINDOW = 25  # iterations in the moving average of the reward
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
 def moving_average(xs, w=WINDOW):
-    return [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
+    return [statistics.mean(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
+
+
+def mean_ci(xs):
+    """(mean, half-width of the 95% confidence interval) of a few numbers; half-width nan for fewer than 2.
+    >>> mean_ci([0.9, 1.0, 0.95])  # -> (0.95, 0.124): 4.303 * 0.05 / sqrt(3)"""
+    if len(xs) < 2:
+        return (xs[0] if xs else math.nan), math.nan
+    return statistics.mean(xs), T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def run_one(preset, variant, seed, steps, out):
     metrics = out / "metrics.jsonl"
     if not metrics.exists() or len(metrics.read_text().splitlines()) < steps:  # finished runs are reused
-        cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}",
-               f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
+        cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}"]
+        cmd += [f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def summarise(runs, steps):
-    """runs: {seed: metrics list} -> the table's numbers for one task x variant."""
-    finals, reach, sps, rss = [], [], [], []
-    for m in runs.values():
-        avg = moving_average([x["reward/mean"] for x in m])
-        finals.append(avg[-1])
-        reach.append(next((i for i, a in enumerate(avg) if i >= WINDOW - 1 and a >= 0.8), None))
-        sps.append(statistics.median(x["time/iteration_s"] for x in m))
-        rss.append(max(x["memory/peak_gb"] for x in m))
-    reached = [r for r in reach if r is not None]
-    return {"final": statistics.mean(finals), "final_std": statistics.pstdev(finals),
-            "reach": f"{statistics.mean(reached):.0f} ({len(reached)}/{len(reach)})" if reached else f"never in {steps} (0/{len(reach)})",
-            "s_per_it": statistics.mean(sps), "rss": max(rss),
-            "start": statistics.mean(moving_average([x["reward/mean"] for x in m])[WINDOW - 1] for m in runs.values())}
+def summarise(runs, threshold):
+    """runs: {seed: metrics list} -> the table's numbers for one task x method."""
+    curves = {s: moving_average([x["reward/mean"] for x in m]) for s, m in runs.items()}
+    reach = {s: next((i for i, a in enumerate(c) if i >= WINDOW - 1 and a >= threshold), None) for s, c in curves.items()}
+    return {
+        "start": mean_ci([c[WINDOW - 1] for c in curves.values()]),
+        "final": mean_ci([c[-1] for c in curves.values()]),
+        "best": mean_ci([max(c[WINDOW - 1 :]) for c in curves.values()]),
+        "reach": mean_ci([r for r in reach.values() if r is not None]),
+        "reached": sum(r is not None for r in reach.values()),
+        "s_per_it": statistics.mean(statistics.median(x["time/iteration_s"] for x in m) for m in runs.values()),
+        "rss": max(max(x["memory/peak_gb"] for x in m) for m in runs.values()),
+        "per_seed": {s: (c[-1], reach[s]) for s, c in curves.items()},
+    }
+
+
+def fmt(mean_half, digits=3):
+    mean, half = mean_half
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="1,2,3,4,5")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     args = p.parse_args()
-    variants, tasks = args.variants.split(","), args.tasks.split(",")
+    variants, tasks, seeds = args.variants.split(","), args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
-    results = {t: {v: {s: run_one(t, v, s, args.steps, Path(args.out) / t / v / f"seed{s}") for s in range(args.seeds)}
-                   for v in variants} for t in tasks}
+    cells = [(t, v, s) for t in tasks for v in variants for s in seeds]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {c: pool.submit(run_one, *c, args.steps, Path(args.out) / c[0] / c[1] / f"seed{c[2]}") for c in cells}
+    results = {t: {v: {s: futures[(t, v, s)].result() for s in seeds} for v in variants} for t in tasks}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
 
-    lines = [f"# Benchmark: AsyPPO vs baselines on the tiny tasks\n",
-             f"{args.seeds} seeds x {args.steps} iterations per cell; reward = moving average over {WINDOW} iterations; "
-             f"2 CPU cores, single process, runs one after another. Produced by `python bench/run_bench.py` "
-             f"in {(time.time() - t0) / 60:.0f} min.\n"]
+    lines = [
+        "# Benchmark: AsyPPO vs baselines on the tiny tasks\n",
+        f"{len(seeds)} seeds ({args.seeds}) x {args.steps} iterations per cell, at commit {commit.strip()}; reward = "
+        f"moving average over {WINDOW} iterations; mean ± half-width of the 95% confidence interval over seeds "
+        f"(Student's t). Produced by `python bench/run_bench.py --jobs {args.jobs}` in "
+        f"{(time.time() - t0) / 60:.0f} min" + (" (runs sharing the machine: s / iteration is not a speed comparison)"
+                                                 if args.jobs > 1 else "") + ".\n",
+    ]
     for t in tasks:
-        lines += [f"\n## {TASKS.get(t, t)}\n",
-                  "| method | reward at it. 24 | final reward (mean ± std) | iterations to 0.8 (runs that got there) | s / iteration | peak RSS (GB) |",
-                  "|---|---|---|---|---|---|"]
-        rows = {v: summarise(results[t][v], args.steps) for v in variants}
+        thr = THRESHOLD.get(t, 0.8)
+        lines += [
+            f"\n## {TASKS.get(t, t)}\n",
+            f"| method | reward at it. {WINDOW - 1} | best | final (it. {args.steps - 1}) | iterations to {thr} "
+            "| seeds that reached it | s / iteration | peak RSS (GB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = {v: summarise(results[t][v], thr) for v in variants}
         for v, r in rows.items():
-            lines.append(f"| {v} | {r['start']:.3f} | {r['final']:.3f} ± {r['final_std']:.3f} | {r['reach']} | "
-                         f"{r['s_per_it']:.3f} | {r['rss']:.2f} |")
-        if {"asyppo", "grpo", "ppo"} <= set(rows):
-            lines.append(f"\nSpeed: AsyPPO / GRPO = {rows['asyppo']['s_per_it'] / rows['grpo']['s_per_it']:.2f}x, "
-                         f"AsyPPO / symmetric PPO = {rows['asyppo']['s_per_it'] / rows['ppo']['s_per_it']:.2f}x seconds per iteration.")
+            lines.append(
+                f"| {v} | {fmt(r['start'])} | {fmt(r['best'])} | {fmt(r['final'])} | {fmt(r['reach'], 0)} | "
+                f"{r['reached']}/{len(seeds)} | {r['s_per_it']:.3f} | {r['rss']:.2f} |"
+            )
+        lines.append("\nPer seed, final reward (iteration the average reached the threshold, – never):\n")
+        for v, r in rows.items():
+            per = ", ".join(f"{s}: {f:.3f} ({'–' if i is None else i})" for s, (f, i) in r["per_seed"].items())
+            lines.append(f"- {v}: {per}")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, tasks, variants, ROOT / "bench" / "curves.png")
@@ -86,18 +127,20 @@ def main():
 
 def plot(results, tasks, variants, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for v in variants:
             curves = [moving_average([x["reward/mean"] for x in m]) for m in results[t][v].values()]
             n = min(map(len, curves))
-            mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
-            sd = [statistics.pstdev(c[i] for c in curves) for i in range(n)]
+            band = [mean_ci([c[i] for c in curves]) for i in range(n)]
+            mean, half = [b[0] for b in band], [0.0 if math.isnan(b[1]) else b[1] for b in band]
             ax.plot(range(n), mean, label=v)
-            ax.fill_between(range(n), [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
-        ax.set_title(TASKS.get(t, t))
+            ax.fill_between(range(n), [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+        ax.set_title(f"{TASKS.get(t, t)}: mean and 95% CI over seeds")
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"reward ({WINDOW}-iteration average)")
         ax.grid(alpha=0.3)
