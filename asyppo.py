@@ -1987,7 +1987,7 @@ def main(argv=None):
     actor = (load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh))
              if is_actor else None)
     critics = {m: load_or_exit("model.critic", critic_paths[m],
-                               lambda: load_critic(critic_paths[m], cfg, device, mesh, cfg.seed + m))
+                               functools.partial(load_critic, critic_paths[m], cfg, device, mesh, cfg.seed + m))
                for m, mesh in critic_meshes.items()}  # AsyPPO: the small critics held on this rank, {m: critic m}
     actor_optim = make_optimizer(actor, cfg.actor) if is_actor else None  # (AdamW, schedule)
     critic_optims = {m: make_optimizer(c, cfg.critic) for m, c in critics.items()}  # one AdamW + schedule per critic
@@ -2103,7 +2103,9 @@ def main(argv=None):
             t0 = time.time()
             values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
             if is_actor:
-                pi_old = lambda m, i, a, s: actor_logprobs(m, i, a, L, cfg.rollout.temperature, False, s)[0]  # [n, L]
+                def pi_old(model, ids, mb_attn, spans):  # one micro-batch's log-probs, [n, L]
+                    return actor_logprobs(model, ids, mb_attn, L, cfg.rollout.temperature, False, spans)[0]
+
                 old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
                 engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
                 # engine vs trainer
@@ -2201,7 +2203,7 @@ def main(argv=None):
             if stop:
                 interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
                 log(f"stopped by {interrupted} after iteration {step}"
-                    + (f"; resume with resume=auto" if cfg.save_on_signal else ""))
+                    + ("; resume with resume=auto" if cfg.save_on_signal else ""))
                 break
     except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
         good = latest_checkpoint(ckpt_dir)
