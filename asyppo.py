@@ -318,18 +318,21 @@ def validate_config(cfg):
     def need(key, ok, rule):
         if not ok:
             sys.exit(f"config: '{key}' {rule}, got {get(key)!r}")
-    for key in ("max_steps", "diag_steps", "keep_checkpoints", "rollout.prompts_per_step", "rollout.group_size",
-                "rollout.max_new_tokens", "rollout.probe_size", "rollout.tensor_parallel_size",
-                "data.max_prompt_tokens", "algo.ppo_epochs", "actor.sequences_per_step", "actor.micro_batch_size",
-                "critic.sequences_per_step", "critic.micro_batch_size", "actor.forward_micro_batch_size",
-                "critic.forward_micro_batch_size", "eval.k", "reward.workers", "actor_ranks", "dist_timeout_min"):
+    at_least_1 = """max_steps diag_steps keep_checkpoints rollout.prompts_per_step rollout.group_size
+        rollout.max_new_tokens rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs
+        actor.sequences_per_step actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size
+        actor.forward_micro_batch_size critic.forward_micro_batch_size eval.k reward.workers actor_ranks
+        dist_timeout_min"""
+    at_least_0 = """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
+        critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef model.tiny_warm_start_steps
+        rollout.sync_check_tol"""
+    positive = """actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature
+        algo.clip_eps reward.timeout_s rollout.gpu_memory_gb"""
+    for key in at_least_1.split():
         need(key, get(key) >= 1, "must be >= 1")
-    for key in ("save_steps", "eval.steps", "eval.max_new_tokens", "data.num_prompts", "algo.critic_warmup_steps",
-                "actor.warmup_steps", "critic.warmup_steps", "actor.weight_decay", "critic.weight_decay",
-                "algo.ent_coef", "model.tiny_warm_start_steps", "rollout.sync_check_tol"):
+    for key in at_least_0.split():
         need(key, get(key) >= 0, "must be >= 0")
-    for key in ("actor.lr", "critic.lr", "actor.max_grad_norm", "critic.max_grad_norm", "rollout.temperature",
-                "eval.temperature", "algo.clip_eps", "reward.timeout_s", "rollout.gpu_memory_gb"):
+    for key in positive.split():
         need(key, get(key) > 0, "must be > 0")
     need("report_to", all(str(name) in TRACKERS for name in cfg.report_to), f"items must be in {sorted(TRACKERS)}")
     for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
