@@ -15,7 +15,7 @@ Extra key=value arguments are passed on (e.g. rollout.sync_check_tol=1 for an ol
 --cpu-clock: the trainer's time.time() reads its process's CPU time (time.process_time, through a sitecustomize.py
 in the worker processes only), so time/* are CPU seconds per rank and phase: on a shared machine they move far less
 with the other jobs' load than wall seconds do (with one thread per rank, CPU seconds are the work done; waits in
-collectives cost none). hf engine only: the vLLM engine computes in a process of its own.
+collectives cost none). Tried with the hf engine only (vLLM reads time.time itself).
 Use the venv of the engine: the core venv for hf, the vLLM venv for vllm."""
 import argparse
 import json
