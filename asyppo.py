@@ -1063,8 +1063,9 @@ def load_critic(path, cfg, device, mesh, seed):
         transformers.utils.logging.set_verbosity(verbosity)
     body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
     head = sorted(set(info["missing_keys"]) - set(body))
-    print(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
-          + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
+    if mesh is None or mesh.get_local_rank() == 0:  # once per critic: its first rank (every rank loads the same)
+        say(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
+            + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
     return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh,
                        value_head=model.score)
 
