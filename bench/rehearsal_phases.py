@@ -17,6 +17,7 @@ in the worker processes only), so time/* are CPU seconds per rank and phase: on 
 with the other jobs' load than wall seconds do (with one thread per rank, CPU seconds are the work done; waits in
 collectives cost none). Tried with the hf engine only (vLLM reads time.time itself).
 Use the venv of the engine: the core venv for hf, the vLLM venv for vllm."""
+
 import argparse
 import json
 import os
@@ -25,32 +26,60 @@ import sys
 import time
 from pathlib import Path
 
-QUESTIONS = [("What is 2+3?", "5"),
-             ("A farmer has 12 sheep and buys 7 more, then sells 4 of them at the market on Sunday. "
-              "How many sheep does the farmer have now?", "15"),
-             ("What is 10-7?", "3"),
-             ("Tom reads 15 pages of his book every day for a week, and 20 pages on each of the next 3 days. "
-              "How many pages has he read in total?", "165"),
-             ("What is 3*3?", "9"),
-             ("A rectangle is 8 cm long and 5 cm wide. What is its area in square centimetres?", "40"),
-             ("What is 12/4?", "3"),
-             ("Anna has twice as many apples as Ben, and Ben has 6 apples. How many apples do they have together?",
-              "18")]
+QUESTIONS = [
+    ("What is 2+3?", "5"),
+    (
+        "A farmer has 12 sheep and buys 7 more, then sells 4 of them at the market on Sunday. "
+        "How many sheep does the farmer have now?",
+        "15",
+    ),
+    ("What is 10-7?", "3"),
+    (
+        "Tom reads 15 pages of his book every day for a week, and 20 pages on each of the next 3 days. "
+        "How many pages has he read in total?",
+        "165",
+    ),
+    ("What is 3*3?", "9"),
+    ("A rectangle is 8 cm long and 5 cm wide. What is its area in square centimetres?", "40"),
+    ("What is 12/4?", "3"),
+    ("Anna has twice as many apples as Ben, and Ben has 6 apples. How many apples do they have together?", "18"),
+]
 PHASES = ["rollout_s", "values_s", "actor_update_s", "critic_update_s", "sync_s", "iteration_s"]
 MEMORY = ["rollout_gb", "values_gb", "update_gb", "sync_gb", "peak_gb"]
 
 
 def overrides(models, engine, out, steps, max_new_tokens, group_size):
     data = out / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "final_answer": a, "difficulty": 1 + i % 3}) + "\n"
-                            for i, (q, a) in enumerate(QUESTIONS)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": q, "final_answer": a, "difficulty": 1 + i % 3}) + "\n"
+            for i, (q, a) in enumerate(QUESTIONS)
+        )
+    )
     n = 2 * group_size  # 2 prompts per iteration: one actor optimizer step, each critic on half the batch
-    return ["--config", "configs.yaml", "--preset", "qwen3-4b-base", "device=cpu", "actor_ranks=1",
-            f"max_steps={steps}", "rollout.prompts_per_step=2", f"rollout.group_size={group_size}",
-            f"rollout.max_new_tokens={max_new_tokens}", "data.max_prompt_tokens=96", f"actor.sequences_per_step={n}",
-            f"critic.sequences_per_step={n // 2}", "eval.steps=0", "eval.sets=[]", "save_steps=0",
-            f"model.actor={models}/actor", f"model.critic={models}/critic", f"rollout.engine={engine}",
-            f"output_dir={out / 'out'}", f"data.train_path={data}"]
+    return [
+        "--config",
+        "configs.yaml",
+        "--preset",
+        "qwen3-4b-base",
+        "device=cpu",
+        "actor_ranks=1",
+        f"max_steps={steps}",
+        "rollout.prompts_per_step=2",
+        f"rollout.group_size={group_size}",
+        f"rollout.max_new_tokens={max_new_tokens}",
+        "data.max_prompt_tokens=96",
+        f"actor.sequences_per_step={n}",
+        f"critic.sequences_per_step={n // 2}",
+        "eval.steps=0",
+        "eval.sets=[]",
+        "save_steps=0",
+        f"model.actor={models}/actor",
+        f"model.critic={models}/critic",
+        f"rollout.engine={engine}",
+        f"output_dir={out / 'out'}",
+        f"data.train_path={data}",
+    ]
 
 
 def loadavg():
@@ -58,8 +87,9 @@ def loadavg():
 
 
 def commit(checkout):
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def measure(args):
@@ -67,21 +97,46 @@ def measure(args):
     out.mkdir(parents=True, exist_ok=True)
     argv = overrides(args.models, args.engine, out, args.steps, args.max_new_tokens, args.group_size) + args.extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    run = {"engine": args.engine, "commit": commit(args.checkout), "checkout": str(args.checkout), "argv": argv,
-           "clock": "cpu" if args.cpu_clock else "wall"}
+    run = {
+        "engine": args.engine,
+        "commit": commit(args.checkout),
+        "checkout": str(args.checkout),
+        "argv": argv,
+        "clock": "cpu" if args.cpu_clock else "wall",
+    }
     if args.cpu_clock:  # torchrun's workers have LOCAL_RANK; the launcher keeps its wall clock
-        (out / "sitecustomize.py").write_text('import os, time\n'
-                                              'if "LOCAL_RANK" in os.environ:\n    time.time = time.process_time\n')
+        (out / "sitecustomize.py").write_text(
+            'import os, time\nif "LOCAL_RANK" in os.environ:\n    time.time = time.process_time\n'
+        )
         env["PYTHONPATH"] = os.pathsep.join([str(out), *filter(None, [env.get("PYTHONPATH")])])
     if args.dry_run:
-        p = subprocess.run([sys.executable, "asyppo.py", *argv, "--dry-run", "--world-size", "2"], cwd=args.checkout,
-                           env=env, capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "asyppo.py", *argv, "--dry-run", "--world-size", "2"],
+            cwd=args.checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         run["dry_run"] = p.stdout + p.stderr
         print(run["dry_run"])
     run["load_before"], t0 = loadavg(), time.time()
     with open(out / "log.txt", "w") as log:
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "asyppo.py", *argv], cwd=args.checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "asyppo.py",
+                *argv,
+            ],
+            cwd=args.checkout,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     run["load_after"], run["wall_s"] = loadavg(), time.time() - t0
     if p.returncode:
         sys.exit(f"run failed ({p.returncode}): see {out / 'log.txt'}")
@@ -100,9 +155,11 @@ def table(runs):
     print("| engine | commit | clock | " + " | ".join(PHASES) + " | response tokens (mean) | load avg before / after |")
     print("|---" * (len(PHASES) + 5) + "|")
     for r in runs:
-        print(f"| {r['engine']} | {r['commit']} | {r.get('clock', 'wall')} | "
-              + " | ".join(f"{r['mean'][k]:.2f}" for k in PHASES)
-              + f" | {r['response_length']:.1f} | {r['load_before']} / {r['load_after']} |")
+        print(
+            f"| {r['engine']} | {r['commit']} | {r.get('clock', 'wall')} | "
+            + " | ".join(f"{r['mean'][k]:.2f}" for k in PHASES)
+            + f" | {r['response_length']:.1f} | {r['load_before']} / {r['load_after']} |"
+        )
     print("\nper-phase peak memory, GB (max over ranks and iterations):")
     print("| engine | commit | " + " | ".join(MEMORY) + " |")
     print("|---" * (len(MEMORY) + 2) + "|")

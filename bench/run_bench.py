@@ -57,7 +57,9 @@ def run_one(preset, variant, seed, steps, out):
 def summarise(runs, threshold):
     """runs: {seed: metrics list} -> the table's numbers for one task x method."""
     curves = {s: moving_average([x["reward/mean"] for x in m]) for s, m in runs.items()}
-    reach = {s: next((i for i, a in enumerate(c) if i >= WINDOW - 1 and a >= threshold), None) for s, c in curves.items()}
+    reach = {
+        s: next((i for i, a in enumerate(c) if i >= WINDOW - 1 and a >= threshold), None) for s, c in curves.items()
+    }
     return {
         "start": mean_ci([c[WINDOW - 1] for c in curves.values()]),
         "final": mean_ci([c[-1] for c in curves.values()]),
@@ -99,8 +101,9 @@ def main():
         f"{len(seeds)} seeds ({args.seeds}) x {args.steps} iterations per cell, at commit {commit.strip()}; reward = "
         f"moving average over {WINDOW} iterations; mean ± half-width of the 95% confidence interval over seeds "
         f"(Student's t). Produced by `python bench/run_bench.py --jobs {args.jobs}` in "
-        f"{(time.time() - t0) / 60:.0f} min" + (" (runs sharing the machine: s / iteration is not a speed comparison)"
-                                                 if args.jobs > 1 else "") + ".\n",
+        f"{(time.time() - t0) / 60:.0f} min"
+        + (" (runs sharing the machine: s / iteration is not a speed comparison)" if args.jobs > 1 else "")
+        + ".\n",
     ]
     for t in tasks:
         thr = THRESHOLD.get(t, 0.8)
@@ -139,7 +142,9 @@ def plot(results, tasks, variants, path):
             band = [mean_ci([c[i] for c in curves]) for i in range(n)]
             mean, half = [b[0] for b in band], [0.0 if math.isnan(b[1]) else b[1] for b in band]
             ax.plot(range(n), mean, label=v)
-            ax.fill_between(range(n), [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+            ax.fill_between(
+                range(n), [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2
+            )
         ax.set_title(f"{TASKS.get(t, t)}: mean and 95% CI over seeds")
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"reward ({WINDOW}-iteration average)")

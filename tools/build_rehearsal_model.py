@@ -9,6 +9,7 @@ tokenizer, a smaller model; the trainer adds the value head). Both in bfloat16, 
 Nothing is downloaded: transformers reads the GGUF file (dequantising its Q4_1 weights; this needs `gguf`, and
 `accelerate`, which transformers asks for when it loads a GGUF model). Takes about 20 s on 2 CPU cores.
 Used by the rehearsal tests (test_asyppo.py -k rehearsal) and by README, "Rehearse the paper preset on CPU"."""
+
 import argparse
 import importlib.util
 import os

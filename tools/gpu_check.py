@@ -19,6 +19,7 @@ Part 2: a model with Qwen3-0.6B's published shapes (config.json of https://huggi
   next to the `--dry-run` plan for the same shapes and overrides.
 Exits non-zero if a part fails, after printing that part's last lines; every part's full log is in OUT/<part>.log.
 """
+
 import argparse
 import json
 import os
@@ -33,23 +34,48 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM 
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, (unused), EOS: ids 0, 1, 2
-QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
-                  rope_theta=1000000, rms_norm_eps=1e-6)  # Qwen/Qwen3-0.6B's config.json
-TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-           num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, max_position_embeddings=256)  # --cpu-smoke
+QWEN3_0_6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=40960,
+    rope_theta=1000000,
+    rms_norm_eps=1e-6,
+)  # Qwen/Qwen3-0.6B's config.json
+TOY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    tie_word_embeddings=True,
+    max_position_embeddings=256,
+)  # --cpu-smoke
 PHASES = ("rollout", "values", "update", "sync")
 
 
 def word_tokenizer(vocab_size):
     """A tokenizer covering every id of the model: the 3 specials, then "t0" .. "t{vocab_size - 4}", split on spaces."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {t: i for i, t in enumerate(SPECIALS + [f"t{i}" for i in range(vocab_size - len(SPECIALS))])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        padding_side="left",
+    )
 
 
 def build_model(out_dir, shapes, seed=0):
@@ -68,7 +94,10 @@ def write_prompts(path, n=8):
     """n prompts of 16 tokens in the jsonl field names of DeepMath-103K (question / final_answer)."""
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"question": " ".join(f"t{(7 * i + j) % 97}" for j in range(16)), "final_answer": str(i)}) + "\n")
+            f.write(
+                json.dumps({"question": " ".join(f"t{(7 * i + j) % 97}" for j in range(16)), "final_answer": str(i)})
+                + "\n"
+            )
 
 
 def start(name, args, out_dir):
@@ -109,10 +138,13 @@ def describe_run(metrics):
     """One line from metrics.jsonl. s/iteration: the median, leaving out iteration 0 when there are more (warm-up)."""
     times = sorted(m["time/iteration_s"] for m in (metrics[1:] if len(metrics) > 1 else metrics))
     peak = peaks(metrics)
-    return (f"{len(metrics)} iterations  reward first {metrics[0]['reward/mean']:.3f} last {metrics[-1]['reward/mean']:.3f}  "
-            f"sync_check_diff max {max(m['rollout/sync_check_diff'] for m in metrics):.3g}  "
-            f"s/iteration {times[len(times) // 2]:.2f}  response length {metrics[-1]['response/length_mean']:.0f}  "
-            f"peak memory GB " + " ".join(f"{ph} {gb:.2f}" for ph, gb in peak.items()))
+    return (
+        f"{len(metrics)} iterations  reward first {metrics[0]['reward/mean']:.3f} "
+        f"last {metrics[-1]['reward/mean']:.3f}  "
+        f"sync_check_diff max {max(m['rollout/sync_check_diff'] for m in metrics):.3g}  "
+        f"s/iteration {times[len(times) // 2]:.2f}  response length {metrics[-1]['response/length_mean']:.0f}  "
+        f"peak memory GB " + " ".join(f"{ph} {gb:.2f}" for ph, gb in peak.items())
+    )
 
 
 def main():
@@ -122,13 +154,19 @@ def main():
     parser.add_argument("--tiny-steps", type=int, default=20, help="part 1: iterations of the tiny preset")
     parser.add_argument("--steps", type=int, default=2, help="part 2: iterations")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="part 2: response length cap")
-    parser.add_argument("--critic-layers", type=int, default=0, help="part 2: >0: critics of this many layers (same vocab)")
+    parser.add_argument(
+        "--critic-layers", type=int, default=0, help="part 2: >0: critics of this many layers (same vocab)"
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per trainer run")
     parser.add_argument("--parts", default="1,2", help="which parts to run, e.g. 2")
     args = parser.parse_args()
     device, dtype = ("cpu", "bfloat16") if args.cpu_smoke else ("cuda", "bfloat16")
     if args.cpu_smoke:  # toy sizes: seconds on 2 CPU cores
-        args.tiny_steps, args.steps, args.max_new_tokens = min(args.tiny_steps, 2), min(args.steps, 2), min(args.max_new_tokens, 24)
+        args.tiny_steps, args.steps, args.max_new_tokens = (
+            min(args.tiny_steps, 2),
+            min(args.steps, 2),
+            min(args.max_new_tokens, 24),
+        )
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU is visible (use --cpu-smoke to check the script on CPU)")
     out = Path(args.out).resolve()
@@ -142,7 +180,12 @@ def main():
     # ---- part 1: the tiny preset on the GPU, bf16 ----------------------------------------------------------------
     if 1 in parts:
         name, run_dir = "part1_tiny", out / "tiny"
-        overrides = [f"device={device}", f"model.param_dtype={dtype}", f"max_steps={args.tiny_steps}", f"output_dir={run_dir}"]
+        overrides = [
+            f"device={device}",
+            f"model.param_dtype={dtype}",
+            f"max_steps={args.tiny_steps}",
+            f"output_dir={run_dir}",
+        ]
         if args.cpu_smoke:
             overrides += ["model.tiny_warm_start_steps=5"]
         ok, text, secs = finish(start(name, overrides, out), args.timeout)
@@ -163,15 +206,33 @@ def main():
             build_model(critic_dir, {**shapes, "num_hidden_layers": args.critic_layers}, seed=1)
             critic = critic_dir
         write_prompts(data)
-        print(f"built a random {n / 1e6:.1f} M-parameter Qwen3 ({shapes['num_hidden_layers']} layers, vocabulary "
-              f"{shapes['vocab_size']:,}) in {model_dir} in {time.time() - t0:.0f} s", flush=True)
-        overrides = [f"device={device}", f"model.param_dtype={dtype}", "model.grad_checkpointing=true",
-                     f"model.actor={model_dir}", f"model.critic={critic}", "data.task=jsonl", f"data.train_path={data}",
-                     "rollout.engine=hf", "rollout.prompts_per_step=2", "rollout.group_size=2",
-                     f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.gpu_memory_gb={gpu_gb:.1f}",
-                     "actor.sequences_per_step=4", "actor.micro_batch_size=1", "actor.forward_micro_batch_size=1",
-                     "critic.sequences_per_step=2", "critic.micro_batch_size=1", "critic.forward_micro_batch_size=1",
-                     f"max_steps={args.steps}", f"output_dir={run_dir}"]
+        print(
+            f"built a random {n / 1e6:.1f} M-parameter Qwen3 ({shapes['num_hidden_layers']} layers, vocabulary "
+            f"{shapes['vocab_size']:,}) in {model_dir} in {time.time() - t0:.0f} s",
+            flush=True,
+        )
+        overrides = [
+            f"device={device}",
+            f"model.param_dtype={dtype}",
+            "model.grad_checkpointing=true",
+            f"model.actor={model_dir}",
+            f"model.critic={critic}",
+            "data.task=jsonl",
+            f"data.train_path={data}",
+            "rollout.engine=hf",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"rollout.gpu_memory_gb={gpu_gb:.1f}",
+            "actor.sequences_per_step=4",
+            "actor.micro_batch_size=1",
+            "actor.forward_micro_batch_size=1",
+            "critic.sequences_per_step=2",
+            "critic.micro_batch_size=1",
+            "critic.forward_micro_batch_size=1",
+            f"max_steps={args.steps}",
+            f"output_dir={run_dir}",
+        ]
         dry_run = start(name + "_dry_run", overrides + ["--dry-run"], out)  # loads only config.json: runs alongside
         training = start(name, overrides, out)
         ok_plan, plan, _ = finish(dry_run, args.timeout)
@@ -182,13 +243,22 @@ def main():
         lines = []
         if ok:
             measured = peaks(metrics)
-            lines = [describe_run(metrics),
-                     "measured peak GB per phase (memory/<phase>_gb, max over iterations): "
-                     + "  ".join(f"{ph} {gb:.2f}" for ph, gb in measured.items()),
-                     "plan (--dry-run, same overrides, 1 rank):", *[f"  | {line}" for line in plan_lines]]
-        results.append((f"part 2 Qwen3-0.6B shapes ({'toy shapes' if args.cpu_smoke else f'{n / 1e9:.3f} B params'}, {device}, "
-                        f"{dtype}, hf engine, grad checkpointing, {args.max_new_tokens} new tokens, {secs:.0f} s)", ok, lines,
-                        text if ok_plan else plan))
+            lines = [
+                describe_run(metrics),
+                "measured peak GB per phase (memory/<phase>_gb, max over iterations): "
+                + "  ".join(f"{ph} {gb:.2f}" for ph, gb in measured.items()),
+                "plan (--dry-run, same overrides, 1 rank):",
+                *[f"  | {line}" for line in plan_lines],
+            ]
+        results.append(
+            (
+                f"part 2 Qwen3-0.6B shapes ({'toy shapes' if args.cpu_smoke else f'{n / 1e9:.3f} B params'}, {device}, "
+                f"{dtype}, hf engine, grad checkpointing, {args.max_new_tokens} new tokens, {secs:.0f} s)",
+                ok,
+                lines,
+                text if ok_plan else plan,
+            )
+        )
 
     # ---- summary ---------------------------------------------------------------------------------------------------
     print("\n" + "=" * 100 + f"\ngpu_check summary: device {device} ({gpu})")

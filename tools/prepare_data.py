@@ -15,6 +15,7 @@ item itself). That is the very text asyppo.gold_texts makes of str(list), so the
 Every file is written whole or not at all (a temporary file, renamed), and a row without its fields stops the run
 with a one-line error naming the source, the row and the fields it has.
 """
+
 import argparse
 import json
 import os
@@ -36,13 +37,25 @@ from pathlib import Path
 SOURCES = {
     "deepmath_103k": ("zwhe99/DeepMath-103K", None, "train", "question", "final_answer", "deepmath_103k.jsonl"),
     "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "eval/math500.jsonl"),
-    "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train", "question", "final_answer",
-                      "eval/olympiadbench.jsonl"),
+    "olympiadbench": (
+        "Hothan/OlympiadBench",
+        "OE_TO_maths_en_COMP",
+        "train",
+        "question",
+        "final_answer",
+        "eval/olympiadbench.jsonl",
+    ),
     "minerva_math": ("math-ai/minervamath", None, "test", "question", "answer", "eval/minerva_math.jsonl"),
     "amc23": ("math-ai/amc23", None, "test", "question", "answer", "eval/amc23.jsonl"),
     "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "eval/aime24.jsonl"),
-    "aime25": ("opencompass/AIME2025", ("AIME2025-I", "AIME2025-II"), "test", "question", "answer",
-               "eval/aime25.jsonl"),
+    "aime25": (
+        "opencompass/AIME2025",
+        ("AIME2025-I", "AIME2025-II"),
+        "test",
+        "question",
+        "answer",
+        "eval/aime25.jsonl",
+    ),
 }
 TRAIN = "deepmath_103k"  # written with its own field names and its difficulty; every other set as {problem, answer}
 
@@ -114,10 +127,19 @@ def write_jsonl(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data", help="output folder (default: data)")
-    p.add_argument("--only", nargs="+", choices=list(SOURCES), metavar="NAME",
-                   help=f"write only these (default: all): {' '.join(SOURCES)}")
-    p.add_argument("--from-dir", type=Path, metavar="DIR",
-                   help="read DIR/<name>.jsonl or DIR/<name>.parquet, in the source's own fields, instead of the hub")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(SOURCES),
+        metavar="NAME",
+        help=f"write only these (default: all): {' '.join(SOURCES)}",
+    )
+    p.add_argument(
+        "--from-dir",
+        type=Path,
+        metavar="DIR",
+        help="read DIR/<name>.jsonl or DIR/<name>.parquet, in the source's own fields, instead of the hub",
+    )
     args = p.parse_args(argv)
     for name in args.only or SOURCES:
         hub_id, configs, split, prompt, answer, out_file = SOURCES[name]
