@@ -637,7 +637,7 @@ def single_run(tmp_path_factory):
     """4 iterations of the tiny preset, one actor minibatch per iteration (so every ratio is on-policy)."""
     out = tmp_path_factory.mktemp("single")
     log = run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny", "max_steps=4",
-               f"output_dir={out}", "actor.sequences_per_step=256"])
+               f"output_dir={out}", "actor.sequences_per_step=512"])
     return out, log
 
 
@@ -652,7 +652,7 @@ def test_script_single_process(single_run):
         assert 0.15 < m["asyppo/adv_mask_frac"] <= 0.2 + 1e-6 and 0.15 < m["asyppo/ent_filter_frac"] <= 0.2 + 1e-6
         # π_old is recomputed by the trainer: with one minibatch per epoch the ratio is exactly 1
         assert m["losses/approx_kl"] == 0.0 and m["losses/clipfrac"] == 0.0 and m["losses/ratio_max"] == 1.0
-    assert "batch: 64 prompts x 4 responses = 256 sequences per iteration" in log
+    assert "batch: 128 prompts x 4 responses = 512 sequences per iteration" in log
 
 
 def test_exported_models_reload_and_generate(single_run):
@@ -825,7 +825,7 @@ def test_learning_reward_rises(tmp_path, engine):
 @needs_vllm
 def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
     run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", "rollout.engine=vllm",
-         "actor.sequences_per_step=256"])  # the whole batch in one step: on-policy
+         "actor.sequences_per_step=512"])  # the whole batch in one step: on-policy
     metrics = read_metrics(tmp_path)
     for m in metrics:
         assert all(k in m for k in REQUIRED)
