@@ -12,7 +12,7 @@ holds everything ("colocated"), or the actor and the critics sit on ranks of the
 time ("split").
 
 Runbook
-  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~3 min (500 it.)
+  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~4 min (500 it.)
   torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
   python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
   torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor,
@@ -82,7 +82,10 @@ class ModelConfig:
     trust_remote_code: bool = False  # never run code from a checkpoint unless asked
     param_dtype: str = "float32"  # FSDP2 compute dtype (master weights stay float32): float32 | bfloat16
     grad_checkpointing: bool = False  # recompute activations in backward (long responses)
-    tiny_warm_start_steps: int = 150  # tiny only: supervised steps that make the "base model" (not RL)
+    tiny_warm_start_steps: int = 135  # tiny only: supervised steps that make the "base model" (not RL). The base
+    #   must stay weak (first 25 iterations <= 0.65 on seeds 1-5, so RL does the climbing): with the faster RL below,
+    #   150 steps made seed 2's first 25 average 0.70 (lr 5e-4); 135 gives 0.48-0.64 over seeds 1-5
+    tiny_critic_layers: int = 1  # tiny only: Qwen3 layers of the mini-critics' base (the actor has 2)
 
 
 @dataclass
@@ -107,10 +110,13 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"  # "vllm": one vLLM engine per rank | "hf": transformers generate (no extra install)
-    prompts_per_step: int = 64  # B: prompts per iteration, over all ranks. Tiny: 64 x 4 = 256 sequences, so
-    # 8 actor steps of 32 per iteration (16 prompts: 2 steps, seed 1 went 0.48 -> 0.72 in 300 it; 64: 0.56 -> 0.94)
+    prompts_per_step: int = 128  # B: prompts per iteration, over all ranks. Tiny: 128 x 4 = 512 sequences, so
+    # 16 actor steps of 32 per iteration. Seed 1, best 25-iteration average in 300 (two-digit answers, lr 5e-4; 96 and
+    # 128 with warm-up): 64 prompts 0.942, 96: 0.958 (0.95 first at it. 242), 128: 0.963 (at it. 161); 128 costs ~1.7x
+    # the time of 64 per iteration
     group_size: int = 4  # G: responses per prompt
-    max_new_tokens: int = 3  # response length cap
+    max_new_tokens: int = 2  # response length cap. Tiny "add": exactly the two answer digits, no room for junk after
+    #                          them (tiny_problem); with 3, seed 2's responses went from 14% to 83% "answer + junk"
     temperature: float = 0.99  # sampling settings of the paper's appendix
     top_p: float = 0.99
     top_k: int = 100
@@ -212,7 +218,13 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    actor: OptimConfig = field(default_factory=OptimConfig)
+    # Tiny preset: the actor's lr warms up over 50 optimizer steps (~3 iterations; the paper's actor has 50 too). Adam's
+    # first steps move every weight by ~lr whatever the gradient (m/sqrt(v) = ±1): without warm-up the first updates
+    # took seed 1's base from 0.61 to 0.51 (lr 5e-4, in 2 iterations; ~25 iterations to recover), 0.31 (1e-3) and
+    # 0.05 (2e-3, in one step); with it, 1e-3 started at 0.61 -> 0.63 -> 0.62. lr 3e-4, not 5e-4: with 16 steps per
+    # iteration, 5e-4 climbed fastest but then moved the policy by KL 0.1-0.46 per iteration near the top, and seed 2's
+    # 25-iteration average fell from 0.96 to 0.78; at 3e-4 the KL there is 0.02-0.08
+    actor: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50))
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, micro_batch_size=32))
 
 
@@ -322,10 +334,10 @@ def validate_config(cfg):
         rollout.max_new_tokens rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs
         actor.sequences_per_step actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size
         actor.forward_micro_batch_size critic.forward_micro_batch_size eval.k reward.workers actor_ranks
-        dist_timeout_min"""
-    at_least_0 = """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
-        critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef model.tiny_warm_start_steps
-        rollout.sync_check_tol"""
+        dist_timeout_min model.tiny_critic_layers"""
+    at_least_0 = """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps
+        actor.warmup_steps critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef
+        model.tiny_warm_start_steps rollout.sync_check_tol"""
     positive = """actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature
         algo.clip_eps reward.timeout_s rollout.gpu_memory_gb"""
     for key in at_least_1.split():
@@ -489,7 +501,8 @@ def memory_plan(cfg, world):
     T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
 
     def shapes(path, critic):
-        config = tiny_config("critic" if critic else "actor") if path == "tiny" else AutoConfig.from_pretrained(path)
+        config = (tiny_config("critic" if critic else "actor", critic_layers=cfg.model.tiny_critic_layers)
+                  if path == "tiny" else AutoConfig.from_pretrained(path))
         if critic:
             config.num_labels = 1
         with torch.device("meta"):
@@ -844,11 +857,15 @@ class RewardPool:
 def tiny_problem(task, rng):
     """One problem of a task made in code: (prompt, answer, worked solution). The solution is used only by the
     supervised warm start of the tiny base model; RL sees the prompt and is rewarded on the answer.
-    "add":  3+5=   -> 8
-    "add2": 47+38= -> 7+8=15;4+3+1=8;\\boxed{85}   (units with their carry, then tens: credit assignment matters)"""
+    "add":  3+5=   -> 08  (always two digits; the gold answer stays "8", math-verify reads 08 as 8)
+    "add2": 47+38= -> 7+8=15;4+3+1=8;\\boxed{85}   (units with their carry, then tens: credit assignment matters)
+    Why "add" pads to two digits: math-verify reads the first number of "8a" or "8=" and scores it 1, so with room for
+    a third token nothing rewards stopping after the answer, while the entropy bonus keeps raising that token's entropy
+    over the 99 characters; one of them in ten is a digit, and "81" scores 0. Two digits and rollout.max_new_tokens=2
+    leave no position after the answer."""
     if task == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a}+{b}=", str(a + b), str(a + b)
+        return f"{a}+{b}=", str(a + b), f"{a + b:02d}"
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     units = a % 10 + b % 10
     tens = a // 10 + b // 10 + units // 10
@@ -962,10 +979,11 @@ def tiny_tokenizer():
                                    unk_token="<|endoftext|>", padding_side="left")
 
 
-def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0):
+def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0, critic_layers=1):
     """Qwen3 configs of the tiny preset: a 2-layer actor and a 1-layer critic (head_dim 32: vLLM's CPU minimum)."""
     size = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
-            "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1)}[name]
+            "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=critic_layers,
+                           num_attention_heads=1)}[name]
     return Qwen3Config(vocab_size=vocab_size, head_dim=32, num_key_value_heads=1, max_position_embeddings=64,
                        tie_word_embeddings=True, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, **size)
 
@@ -980,7 +998,8 @@ def build_tiny_models(cfg, out_dir):
     paths = []
     for name in ("actor", "critic"):
         torch.manual_seed(cfg.seed)
-        model = Qwen3ForCausalLM(tiny_config(name, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
+        model = Qwen3ForCausalLM(tiny_config(name, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                             critic_layers=cfg.model.tiny_critic_layers))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(cfg.model.tiny_warm_start_steps):  # supervised warm start: loss on the answer tokens only
             batch = [tiny_problem(cfg.data.task, rng)[::2] for _ in range(64)]  # (prompt, worked solution)
