@@ -1046,7 +1046,8 @@ def test_learning_reward_rises(tmp_path, engine):
                 f"seed={seed}",
                 f"output_dir={out}",
                 f"rollout.engine={engine}",
-            ]
+            ],
+            timeout=1800,  # ~90 s alone (hf); on a 2-core machine shared with another suite one run took over 600 s
         )
         rewards = [m["reward/mean"] for m in read_metrics(out)]
         first.append(sum(rewards[:FIRST]) / FIRST)
