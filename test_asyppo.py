@@ -1020,43 +1020,47 @@ def test_split_updates_actor_and_critics_at_the_same_time(tmp_path, colocated_ru
 
 
 LEARNING_SEEDS = {"hf": (1, 2, 3), "vllm": (1, 2)}  # the vLLM tier: fewer seeds, the same windows and margins
-LEARNING_STEPS, FIRST, LAST = 200, 25, 50  # iterations per seed; the two windows compared (iterations 0-24, 150-199)
-MIN_RISE, MIN_LAST = 0.14, 0.85  # every seed's last window beats its first by MIN_RISE; their mean reaches MIN_LAST
+FIRST, LAST, WINDOW = 25, 50, 25  # iterations 0-24 against 250-299 of the default 300; the moving average's width
+MIN_RISE, MIN_LAST, MAX_FALL = 0.2, 0.9, 0.1  # rise of every seed; mean of the last windows; fall below the best
+
+
+def moving_average(xs, w=WINDOW):
+    return [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_learning_reward_rises(tmp_path, engine):
-    """The tiny preset learns, on any CPU. Floating-point results differ between CPU types from iteration 0 (ENV_NOTES
-    §9; ATEN_CPU_CAPABILITY=default/avx2/avx512 shows it on one machine), so no single seed's curve is asserted: over
-    several seeds, each seed's mean reward over its last 50 iterations must beat its first 25 by a margin, and the mean
-    of the last windows must reach a level. Measured (first 25 -> iterations 150-199, seeds 1 / 2 / 3) at the preset
-    with two-digit answers, 128 prompts, actor lr 3e-4 with warm-up (one thread):
-      ATEN_CPU_CAPABILITY=default  0.601 -> 0.927, 0.644 -> 0.969, 0.512 -> 0.942
-      ATEN_CPU_CAPABILITY=avx2     0.583 -> 0.927, 0.683 -> 0.967, 0.563 -> 0.948
-    smallest rise 0.28, smallest mean of the last windows 0.946: the margins (0.14, 0.85) leave about half the rise and
-    0.1 of the level to other CPUs. The vLLM tier (seeds 1 / 2, this machine's native floats, two threads):
-      0.600 -> 0.931, 0.650 -> 0.952"""
-    first, last = [], []
+    """The quick start (`python asyppo.py`: 300 iterations) learns, and stays learnt, on any CPU. Floating-point results
+    differ between CPU types from iteration 0 (ENV_NOTES §9; ATEN_CPU_CAPABILITY=default/avx2/avx512 shows it on one
+    machine), so no single seed's curve is asserted. Over several seeds: each seed's mean reward over its last 50
+    iterations beats its first 25 by MIN_RISE, the mean of the last windows reaches MIN_LAST, and no seed's
+    25-iteration average falls more than MAX_FALL below its best so far (at a constant lr two of seeds 1-5 fell by
+    0.39 and 0.47 after reaching 0.97). Measured (first 25 -> last 50; largest fall), seeds 1 / 2 / 3, one thread:
+      native (avx512)  0.605 -> 0.974, 0.005; 0.643 -> 0.994, 0.003; 0.535 -> 0.971, 0.005
+      avx2             0.592 -> 0.978, 0.003; 0.680 -> 0.992, 0.003; 0.567 -> 0.985, 0.002
+      default          0.612 -> 0.972, 0.003; 0.642 -> 0.981, 0.004; 0.511 -> 0.983, 0.003
+    smallest rise 0.31, smallest last window 0.971, largest fall 0.005: the margins leave about a third of the rise,
+    0.07 of the level and 20 times the fall to other CPUs."""
+    first, last, fall = [], [], []
     for seed in LEARNING_SEEDS[engine]:
         out = tmp_path / f"seed{seed}"
         run(
-            [
-                sys.executable,
-                "asyppo.py",
-                f"max_steps={LEARNING_STEPS}",
-                f"seed={seed}",
-                f"output_dir={out}",
-                f"rollout.engine={engine}",
-            ],
-            timeout=1800,  # ~90 s alone (hf); on a 2-core machine shared with another suite one run took over 600 s
+            [sys.executable, "asyppo.py", f"seed={seed}", f"output_dir={out}", f"rollout.engine={engine}"],
+            timeout=2400,  # ~130 s alone (hf); on a 2-core machine shared with another suite a run took 4x as long
         )
         rewards = [m["reward/mean"] for m in read_metrics(out)]
+        assert len(rewards) == 300  # the default max_steps: the issue's target is about the quick start as it is
         first.append(sum(rewards[:FIRST]) / FIRST)
         last.append(sum(rewards[-LAST:]) / LAST)
-    windows = [f"seed {s}: {a:.3f} -> {b:.3f}" for s, a, b in zip(LEARNING_SEEDS[engine], first, last)]
+        avg = moving_average(rewards)[WINDOW - 1 :]
+        fall.append(max(max(avg[: i + 1]) - a for i, a in enumerate(avg)))
+    windows = [
+        f"seed {s}: {a:.3f} -> {b:.3f}, fall {f:.3f}" for s, a, b, f in zip(LEARNING_SEEDS[engine], first, last, fall)
+    ]
     print(f"learning ({engine}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'native')}):", windows)
     assert all(b > a + MIN_RISE for a, b in zip(first, last)), windows
     assert sum(last) / len(last) > MIN_LAST, windows
+    assert max(fall) <= MAX_FALL, windows
 
 
 # ---------------------------------------------------------------------------------------------------------------
