@@ -1250,7 +1250,7 @@ def load_critic(path, cfg, device, mesh, seed):
 
 def make_optimizer(model, o, total_steps):
     """AdamW and its schedule: a linear warm-up over o.warmup_steps optimizer steps, then the lr stays constant or
-    follows a cosine down to o.min_lr_ratio x lr at total_steps (the run's last optimizer step)."""
+    follows a cosine down to o.min_lr_ratio x lr at optimizer step total_steps, where the run ends."""
     # CPU defaults to a slow per-tensor loop
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
 

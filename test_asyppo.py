@@ -4,6 +4,7 @@ The vLLM tier (tests with "vllm" in their name) runs where vllm is installed: py
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -601,6 +602,27 @@ def test_config_presets_and_overrides():
     assert (sizes.n_global, sizes.n_local, sizes.actor_steps, sizes.actor_micro_steps) == (2048, 256, 1, 256)
     assert (sizes.critic_dp, sizes.critic_steps, sizes.critic_micro_steps) == (4, 1, 256)  # 1024 per step over 4 ranks
     assert asyppo.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny"]) == asyppo.Config()
+    assert cfg.actor.lr_decay == cfg.critic.lr_decay == "constant"  # the paper's: warm-up, then constant
+
+
+def test_lr_schedule_warm_up_then_constant_or_cosine():
+    """Linear warm-up over warmup_steps optimizer steps; then constant, or a cosine from lr down to min_lr_ratio x lr
+    at optimizer step total_steps, where the run ends (the tiny actor's; the paper presets keep constant)."""
+
+    def lrs(**kw):
+        o = asyppo.OptimConfig(lr=1.0, warmup_steps=4, **kw)
+        opt, sched = asyppo.make_optimizer(torch.nn.Linear(2, 2), o, total_steps=12)
+        out = []
+        for _ in range(14):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs() == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 11)
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, t / 8))) for t in range(10)]  # t: steps after warm-up
+    assert lrs(lr_decay="cosine", min_lr_ratio=0.1) == pytest.approx([0.25, 0.5, 0.75, 1.0] + cosine)
+    assert asyppo.Config().actor.lr_decay == "cosine" and asyppo.Config().critic.lr_decay == "constant"
 
 
 @pytest.mark.parametrize(
@@ -610,6 +632,8 @@ def test_config_presets_and_overrides():
         (["algo.clip_eps=abc"], "'algo.clip_eps' must be float"),
         (["rollout.group_size=4.5"], "'rollout.group_size' must be int"),
         (["algo.value_agg=max"], "'algo.value_agg' must be one of"),
+        (["actor.lr_decay=linear"], "'actor.lr_decay' must be one of"),
+        (["critic.min_lr_ratio=1.5"], "'critic.min_lr_ratio' must be in [0, 1]"),
         (["novalue"], "not key=value"),
         (["max_steps=0"], "'max_steps' must be >= 1, got 0"),
         (["rollout.prompts_per_step=-4"], "'rollout.prompts_per_step' must be >= 1, got -4"),
