@@ -2,7 +2,7 @@
 
     pip install -r bench/requirements.txt     # matplotlib, on top of the core requirements
     python bench/run_bench.py                  # 4 methods x 2 tasks x 5 seeds; writes bench/results.md, curves.png
-    python bench/run_bench.py --jobs 2         # two runs at a time (one per core): about half the wall time
+    python bench/run_bench.py --jobs 2         # two runs at a time, one thread each: about 2/3 of the wall time
 
 Every run is the real script (`python asyppo.py --config configs.yaml --preset P algo.name=V seed=S ...`). With
 --jobs 1 the runs go one after another, so seconds per iteration compare side by side; with more jobs they share the
@@ -29,6 +29,7 @@ VARIANTS = ["asyppo", "ppo", "ppo_small", "grpo"]
 TASKS = {"tiny": "add (3+5=)", "tiny-add2": "add2 (47+38=, digit by digit)"}
 THRESHOLD = {"tiny": 0.95, "tiny-add2": 0.8}  # "iterations to threshold": the 25-iteration average reaching it
 WINDOW = 25  # iterations in the moving average of the reward
+THREADS = os.cpu_count() or 1  # torch threads per run (main: cores / jobs)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
@@ -50,7 +51,8 @@ def run_one(preset, variant, seed, steps, out):
         cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}"]
         cmd += [f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
@@ -88,6 +90,8 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     args = p.parse_args()
+    global THREADS  # torch threads per run: the cores shared out (two 2-thread runs on 2 cores run 4-30x slower)
+    THREADS = max(1, (os.cpu_count() or 1) // args.jobs)
     variants, tasks, seeds = args.variants.split(","), args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     cells = [(t, v, s) for t in tasks for v in variants for s in seeds]
