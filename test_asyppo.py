@@ -1361,6 +1361,37 @@ def test_ablations_four_critics_min_aggregation_critics_first(tmp_path):
         assert -1 <= m["asyppo/critic_corr"] <= 1 and m["asyppo/value_std_p10"] <= m["asyppo/value_std_p90"]
 
 
+def test_tiny_base_stops_its_warm_start_at_the_accuracy_asked_and_that_accuracy_is_what_sampling_gets(tmp_path):
+    """The tiny base's strength is set by model.tiny_base_accuracy, not by a step count (which left seeds and CPU types
+    with bases right 0.35-0.62 of the time). tiny_accuracy is exact (teacher-forced P(solution)); sampling 2,000
+    answers at temperature 1 from the saved base must agree with it within binomial noise."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    logs = []
+    cfg = asyppo.parse_config(["seed=3", "model.tiny_base_accuracy=0.5"])
+    actor, _ = asyppo.build_tiny_models(cfg, tmp_path, log=logs.append)
+    steps, exact = re.search(
+        r"after (\d+) supervised warm-start steps .* solution ([\d.]+) of the time", logs[0]
+    ).groups()
+    assert 0 < int(steps) < cfg.model.tiny_warm_start_steps and 0.5 <= float(exact) < 0.56  # stopped on reaching it
+    model, tok = AutoModelForCausalLM.from_pretrained(actor), asyppo.tiny_tokenizer()
+    rng = random.Random(0)
+    problems = [asyppo.tiny_problem("add", rng) for _ in range(200)]
+    held = [(p, sol) for p, _, sol in problems]
+    p_exact = asyppo.tiny_accuracy(model, tok, held)  # on these 200 problems
+    enc = tok([p for p, _ in held], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(
+        **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=2, num_return_sequences=10
+    )
+    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :])
+    sampled = sum(a == held[i // 10][1] for i, a in enumerate(answers)) / len(answers)
+    print(f"base after {steps} steps: exact {p_exact:.3f}, sampled {sampled:.3f} of {len(answers)}")
+    assert abs(sampled - p_exact) < 4 * (p_exact * (1 - p_exact) / len(answers)) ** 0.5, (sampled, p_exact)
+
+
 def test_add2_problems_and_their_worked_solutions():
     import random
 

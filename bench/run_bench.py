@@ -56,6 +56,16 @@ def run_one(preset, variant, seed, steps, out):
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+def critic_ev(metrics, first=175, last=200):
+    """The critics' mean explained variance over iterations [first, last), None without critics (GRPO)."""
+    evs = [
+        statistics.mean(v for k, v in x.items() if k.endswith("/explained_variance"))
+        for x in metrics[first:last]
+        if any(k.endswith("/explained_variance") for k in x)
+    ]
+    return statistics.mean(evs) if evs else None
+
+
 def summarise(runs, threshold):
     """runs: {seed: metrics list} -> the table's numbers for one task x method."""
     curves = {s: moving_average([x["reward/mean"] for x in m]) for s, m in runs.items()}
@@ -70,6 +80,7 @@ def summarise(runs, threshold):
         "reached": sum(r is not None for r in reach.values()),
         "s_per_it": statistics.mean(statistics.median(x["time/iteration_s"] for x in m) for m in runs.values()),
         "rss": max(max(x["memory/peak_gb"] for x in m) for m in runs.values()),
+        "ev": mean_ci([ev for ev in map(critic_ev, runs.values()) if ev is not None]),
         "per_seed": {s: (c[-1], reach[s]) for s, c in curves.items()},
     }
 
@@ -114,14 +125,14 @@ def main():
         lines += [
             f"\n## {TASKS.get(t, t)}\n",
             f"| method | reward at it. {WINDOW - 1} | best | final (it. {args.steps - 1}) | iterations to {thr} "
-            "| seeds that reached it | s / iteration | peak RSS (GB) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| seeds that reached it | critics' explained variance, it. 175-199 | s / iteration | peak RSS (GB) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         rows = {v: summarise(results[t][v], thr) for v in variants}
         for v, r in rows.items():
             lines.append(
                 f"| {v} | {fmt(r['start'])} | {fmt(r['best'])} | {fmt(r['final'])} | {fmt(r['reach'], 0)} | "
-                f"{r['reached']}/{len(seeds)} | {r['s_per_it']:.3f} | {r['rss']:.2f} |"
+                f"{r['reached']}/{len(seeds)} | {fmt(r['ev'])} | {r['s_per_it']:.3f} | {r['rss']:.2f} |"
             )
         lines.append("\nPer seed, final reward (iteration the average reached the threshold, – never):\n")
         for v, r in rows.items():
