@@ -1515,7 +1515,12 @@ def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc, placement):
         f"placement={placement}",
     ]
     run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
-    run(launch + common + ["max_steps=3", f"output_dir={tmp_path / 'split'}"])
+    # The interrupted run: the straight run's checkpoint after iteration 3 and its first 3 metrics lines, resumed with
+    # the same config (a shorter max_steps would stand in for an interruption, but the lr's cosine follows max_steps)
+    ckpt = tmp_path / "split" / "checkpoints" / "step_0000003"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / ckpt.name, ckpt)
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "split" / "metrics.jsonl").write_text("".join(lines[:3]))
     log = run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'split'}", "resume=auto"])
     assert "continuing at iteration 3" in log
     straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
