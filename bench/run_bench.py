@@ -45,9 +45,14 @@ def mean_ci(xs):
     return statistics.mean(xs), T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
+REUSED = []  # runs found finished in --out by an earlier invocation
+
+
 def run_one(preset, variant, seed, steps, out):
     metrics = out / "metrics.jsonl"
-    if not metrics.exists() or len(metrics.read_text().splitlines()) < steps:  # finished runs are reused
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:  # finished runs are reused
+        REUSED.append(out)
+    else:
         cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}"]
         cmd += [f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
         print("+", " ".join(cmd), flush=True)
@@ -57,11 +62,10 @@ def run_one(preset, variant, seed, steps, out):
 
 
 def critic_ev(metrics, first=175, last=200):
-    """The critics' mean explained variance over iterations [first, last), None without critics (GRPO)."""
+    """The critics' mean explained variance over iterations [first, last), None without critics (GRPO). An iteration
+    whose rewards are all equal has none (nan: nothing to explain) and is left out."""
     evs = [
-        statistics.mean(v for k, v in x.items() if k.endswith("/explained_variance"))
-        for x in metrics[first:last]
-        if any(k.endswith("/explained_variance") for k in x)
+        v for x in metrics[first:last] for k, v in x.items() if k.endswith("/explained_variance") and math.isfinite(v)
     ]
     return statistics.mean(evs) if evs else None
 
@@ -117,6 +121,7 @@ def main():
         f"moving average over {WINDOW} iterations; mean ± half-width of the 95% confidence interval over seeds "
         f"(Student's t). Produced by `python bench/run_bench.py --jobs {args.jobs}` in "
         f"{(time.time() - t0) / 60:.0f} min"
+        + (f" ({len(REUSED)} of the {len(cells)} runs reused, finished by an earlier invocation)" if REUSED else "")
         + (" (runs sharing the machine: s / iteration is not a speed comparison)" if args.jobs > 1 else "")
         + ".\n",
     ]
