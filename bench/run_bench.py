@@ -29,7 +29,6 @@ VARIANTS = ["asyppo", "ppo", "ppo_small", "grpo"]
 TASKS = {"tiny": "add (3+5=)", "tiny-add2": "add2 (47+38=, digit by digit)"}
 THRESHOLD = {"tiny": 0.95, "tiny-add2": 0.8}  # "iterations to threshold": the 25-iteration average reaching it
 WINDOW = 25  # iterations in the moving average of the reward
-THREADS = os.cpu_count() or 1  # torch threads per run (main: cores / jobs)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 
@@ -48,7 +47,7 @@ def mean_ci(xs):
 REUSED = []  # runs found finished in --out by an earlier invocation
 
 
-def run_one(preset, variant, seed, steps, out):
+def run_one(preset, variant, seed, steps, out, threads):
     metrics = out / "metrics.jsonl"
     if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:  # finished runs are reused
         REUSED.append(out)
@@ -56,7 +55,7 @@ def run_one(preset, variant, seed, steps, out):
         cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}"]
         cmd += [f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
         print("+", " ".join(cmd), flush=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
@@ -105,13 +104,17 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     args = p.parse_args()
-    global THREADS  # torch threads per run: the cores shared out (two 2-thread runs on 2 cores run 4-30x slower)
-    THREADS = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(
+        1, (os.cpu_count() or 1) // args.jobs
+    )  # the cores shared out: two 2-thread runs on 2 cores oversubscribe
     variants, tasks, seeds = args.variants.split(","), args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     cells = [(t, v, s) for t in tasks for v in variants for s in seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {c: pool.submit(run_one, *c, args.steps, Path(args.out) / c[0] / c[1] / f"seed{c[2]}") for c in cells}
+        futures = {
+            c: pool.submit(run_one, *c, args.steps, Path(args.out) / c[0] / c[1] / f"seed{c[2]}", threads)
+            for c in cells
+        }
     results = {t: {v: {s: futures[(t, v, s)].result() for s in seeds} for v in variants} for t in tasks}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
 
