@@ -1,0 +1,281 @@
+"""Can a critic learn the return on tiny-add2 at all? An offline probe, outside RL.
+
+    python bench/critic_probe.py                        # seeds 1-3, one after another (~15-25 min each on 2 cores)
+    python bench/critic_probe.py --seeds 2 --threads 1  # one seed: start seeds side by side; finished ones are reused
+    python bench/critic_probe.py --responses 40960 --lr 1e-3 --targets return   # the second setting in the report
+
+Each seed's result is saved under bench/runs/critic_probe; bench/critic_probe.md is rewritten from all saved results,
+one section per setting.
+
+In the RL run every mini-critic explains ~0 of the return on add2 (README). This asks whether that is the RL loop's
+fault or the critic's. It holds the policy fixed, the tiny-add2 base actor of a seed, samples responses from it with
+the rollout's settings, scores them with math-verify, and trains each critic on 80% of them with the trainer's own
+code (critic_values, value_loss, make_optimizer, clip_and_step: the critic preset's lr and clipping, 32 sequences per
+step) on a critic made as load_critic makes it, without FSDP (in one process it only adds overhead). It reports the
+explained variance on the other 20% as training goes on. In RL each mini-critic has taken 800 such steps by
+iteration 200 (64 prompts x 4 responses / 2 shards / 32 per step x 200).
+
+Two targets:
+* return:  the final reward on every token, what the trainer regresses on (GAE with γ = λ = 1);
+* mistake: 1 on the tokens after the response has first left the worked solution, else 0. The value V(s_t) of a
+  state depends on this; the target gives it densely, token by token, instead of through one reward per response.
+And two oracles that are fitted on the training responses' returns and tested on the others: the success rate by
+token position, and by position and whether a mistake was already made.
+"""
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import asyppo as A  # noqa: E402
+
+CRITICS = {  # name -> (its base, as below in main)
+    "l1": "mini-critic, 1 layer (asyppo's)",
+    "l2": "mini-critic, 2 layers",
+    "actor": "the actor's checkpoint (ppo's)",
+}
+CHECKPOINTS = [
+    200,
+    800,
+    2000,
+    4000,
+    8000,
+    12000,
+]  # optimizer steps at which the held-out explained variance is measured
+
+
+def sample_responses(cfg, actor_path, n, seed):
+    """n responses of the base actor, G per prompt, with the rollout's sampling settings: (prompt ids, response ids
+    ending in <|im_end|> or cut at max_new_tokens, reward, worked solution)."""
+    tok = A.tiny_tokenizer()
+    actor = AutoModelForCausalLM.from_pretrained(actor_path, dtype=torch.float32).eval()
+    r, G = cfg.rollout, cfg.rollout.group_size
+    rng = random.Random(f"probe-{seed}")
+    torch.manual_seed(seed)
+    rows = []
+    while len(rows) < n:
+        problems = [A.tiny_problem("add2", rng) for _ in range(r.prompts_per_step)]
+        prompts = [tok.encode(q, add_special_tokens=False) for q, _, _ in problems for _ in range(G)]
+        ids, attn = A.left_pad(prompts, tok.pad_token_id, "cpu")
+        with torch.no_grad():
+            out = actor.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                max_new_tokens=r.max_new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        for i, response in enumerate(out[:, ids.shape[1] :].tolist()):
+            if tok.eos_token_id in response:
+                response = response[: response.index(tok.eos_token_id) + 1]
+            _, answer, solution = problems[i // G]
+            reward = A.math_reward(tok.decode(response, skip_special_tokens=True), answer)
+            rows.append((prompts[i], response, reward, solution))
+    return rows[:n]
+
+
+def mistake_flags(response, solution, tok):
+    """For each response token t: has an earlier token already left the worked solution? (one character per token)"""
+    flags, wrong = [], False
+    for t, token in enumerate(response):
+        flags.append(float(wrong))  # V(s_t) values the state before token t
+        wrong = wrong or t >= len(solution) or tok.decode([token]) != solution[t]
+    return flags
+
+
+def batch_tensors(rows, target, tok, L):
+    """input_ids, attn [n, P+L] (left-padded prompt | right-padded response), mask [n, L] and the target [n, L]."""
+    P = max(len(p) for p, _, _, _ in rows)
+    input_ids = torch.full((len(rows), P + L), tok.pad_token_id)
+    attn, mask, y = torch.zeros_like(input_ids), torch.zeros(len(rows), L), torch.zeros(len(rows), L)
+    for i, (prompt, response, reward, solution) in enumerate(rows):
+        input_ids[i, P - len(prompt) : P + len(response)] = torch.tensor(prompt + response)
+        attn[i, P - len(prompt) : P + len(response)] = 1
+        mask[i, : len(response)] = 1
+        y[i, : len(response)] = torch.tensor(
+            mistake_flags(response, solution, tok) if target == "mistake" else [reward] * len(response)
+        )
+    return input_ids, attn, mask, y
+
+
+def oracle_ev(train, test, key, tok):
+    """Explained variance on `test` of the mean return of the training tokens that share key(position, mistake)."""
+    sums = {}
+    for _, response, reward, solution in train:
+        for t, wrong in enumerate(mistake_flags(response, solution, tok)):
+            s, c = sums.get(key(t, wrong), (0.0, 0))
+            sums[key(t, wrong)] = (s + reward, c + 1)
+    mean = sum(row[2] for row in train) / len(train)
+    pred, ret = [], []
+    for _, response, reward, solution in test:
+        for t, wrong in enumerate(mistake_flags(response, solution, tok)):
+            s, c = sums.get(key(t, wrong), (mean, 1))
+            pred.append(s / c)
+            ret.append(reward)
+    pred, ret = torch.tensor(pred), torch.tensor(ret)
+    return A.explained_variance(pred, ret, torch.ones_like(ret))
+
+
+def probe(cfg, critic_path, train, test, target, steps, seed, log):
+    """Train a fresh critic from critic_path on `train` for `steps` optimizer steps -> [(step, held-out EV)]."""
+    tok, L, C = A.tiny_tokenizer(), cfg.rollout.max_new_tokens, cfg.critic
+    config = AutoConfig.from_pretrained(critic_path, num_labels=1)
+    config.classifier_dropout = 0.0
+    torch.manual_seed(seed)  # the value head's initialisation, as load_critic
+    transformers.utils.logging.set_verbosity_error()  # no report that the value head is new: it is, by design
+    critic = A.for_training(AutoModelForTokenClassification.from_pretrained(critic_path, config=config), cfg)
+    opt, sched = A.make_optimizer(critic, C, steps)
+    test_tensors = batch_tensors(test, target, tok, L)
+
+    def held_out_ev():
+        input_ids, attn, mask, y = test_tensors
+        with torch.no_grad():
+            values = torch.cat(
+                [
+                    A.critic_values(critic, input_ids[i : i + 64], attn[i : i + 64], L)
+                    for i in range(0, len(input_ids), 64)
+                ]
+            )
+        return A.explained_variance(values, y, mask)
+
+    curve, order, step, rng = [], [], 0, random.Random(seed)
+    while step < steps:
+        if len(order) < C.sequences_per_step:  # a new epoch over the training responses
+            order = list(range(len(train)))
+            rng.shuffle(order)
+        idx, order = order[: C.sequences_per_step], order[C.sequences_per_step :]
+        input_ids, attn, mask, y = batch_tensors([train[i] for i in idx], target, tok, L)
+        for mb in torch.arange(len(idx)).split(C.micro_batch_size):  # gradient accumulation, as update_critics
+            values = A.critic_values(critic, input_ids[mb], attn[mb], L)
+            loss = A.value_loss(values, y[mb], mask[mb], cfg.algo.loss_agg)
+            (loss * len(mb) / len(idx)).backward()
+        A.clip_and_step(critic, opt, sched, C.max_grad_norm)
+        step += 1
+        if step in CHECKPOINTS or step == steps:
+            curve.append((step, held_out_ev()))
+            log(f"    step {step}: held-out explained variance {curve[-1][1]:.3f}")
+    return curve
+
+
+def command(a):
+    """The command line of one probe setting (every option that changes its numbers), for the report."""
+    return (
+        f"python bench/critic_probe.py --responses {a['responses']} --steps {a['steps']} --lr {a['lr']} "
+        f"--critics {' '.join(a['critics'])} --targets {' '.join(a['targets'])}"
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--responses", type=int, default=20480, help="sampled from the base actor; 80%% train, 20%% test")
+    p.add_argument("--steps", type=int, default=16000, help="critic optimizer steps of 32 sequences")
+    p.add_argument("--lr", type=float, default=A.Config().critic.lr, help="critic lr (default: the trainer's)")
+    p.add_argument("--critics", nargs="+", default=["l1", "actor"], choices=list(CRITICS))
+    p.add_argument("--targets", nargs="+", default=["return", "mistake"], choices=["return", "mistake"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "critic_probe.md"), help="the report of every saved probe")
+    p.add_argument("--runs", default=str(ROOT / "bench" / "runs" / "critic_probe"), help="one result file per seed")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setting = {k: getattr(args, k) for k in ("responses", "steps", "lr", "critics", "targets")}
+    runs, tok = Path(args.runs), A.tiny_tokenizer()
+    runs.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        saved = runs / f"{command(setting).split(' ', 2)[2].replace(' ', '_').replace('--', '')}_seed{seed}.json"
+        if saved.exists():  # finished by an earlier invocation
+            continue
+        seed_start = time.time()
+        cfg = A.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny-add2", f"seed={seed}"])
+        cfg.critic.lr = args.lr
+        work = Path(tempfile.mkdtemp(prefix=f"critic_probe_s{seed}_"))
+        actor, critic1 = A.build_tiny_models(cfg, work / "layers1")
+        critic2 = None
+        if "l2" in args.critics:  # the same actor again, and a 2-layer critic base
+            cfg.model.tiny_critic_layers = 2
+            critic2 = A.build_tiny_models(cfg, work / "layers2")[1]
+            cfg.model.tiny_critic_layers = 1
+        rows = sample_responses(cfg, actor, args.responses, seed)
+        train, test = rows[: len(rows) * 4 // 5], rows[len(rows) * 4 // 5 :]
+        reward = sum(r[2] for r in rows) / len(rows)
+        print(f"seed {seed}: {len(rows)} responses, mean reward {reward:.3f}", flush=True)
+        oracles = {
+            "position": oracle_ev(train, test, lambda t, wrong: t, tok),
+            "position + mistake made": oracle_ev(train, test, lambda t, wrong: (t, wrong), tok),
+        }
+        print(f"  oracles: {oracles}", flush=True)
+        base = {"l1": critic1, "l2": critic2, "actor": actor}
+        curves = []
+        for key in args.critics:
+            for target in args.targets:
+                print(f"  {CRITICS[key]}, target {target}:", flush=True)
+                t0 = time.time()
+                curve = probe(cfg, base[key], train, test, target, args.steps, seed, print)
+                print(f"  ({(time.time() - t0) / args.steps * 1000:.1f} ms per step)", flush=True)
+                curves.append(dict(critic=CRITICS[key], target=target, curve=curve))
+        result = dict(setting=setting, seed=seed, reward=reward, oracles=oracles, curves=curves)
+        saved.write_text(json.dumps(dict(result, minutes=(time.time() - seed_start) / 60)))
+    write_report(runs, Path(args.out))
+
+
+def write_report(runs, out):
+    """bench/critic_probe.md: every probe saved in `runs`, one section per setting, one row per seed and curve."""
+    by_setting = {}
+    for f in sorted(runs.glob("*.json")):
+        r = json.loads(f.read_text())
+        by_setting.setdefault(command(r["setting"]), []).append(r)
+    lines = [
+        "# Critic probe: can a critic learn the return on tiny-add2? (offline, fixed policy)",
+        "",
+        "Held-out explained variance after N critic optimizer steps of 32 sequences. The RL run's mini-critics have "
+        "taken 800 by iteration 200. Target `return`: the explained variance of the held-out return, the critic's job. "
+        "Target `mistake`: the explained variance of the held-out mistake flag itself (can the network compute it?). "
+        "The oracles are fitted on the training responses' returns: the success rate by token position, and by "
+        "position and whether a mistake was already made.",
+    ]
+    for cmd, results in by_setting.items():
+        results.sort(key=lambda r: r["seed"])
+        steps = [s for s, _ in results[0]["curves"][0]["curve"]]
+        minutes = "-".join(map(str, sorted({round(r["minutes"]) for r in results})))  # "13" or "12-14"
+        lines += [
+            "",
+            f"## `{cmd}`",
+            "",
+            f"Seeds {', '.join(str(r['seed']) for r in results)}; {minutes} min of wall time per seed.",
+            "",
+        ]
+        lines += [
+            "| seed | base reward | oracle: position | oracle: position + mistake made | critic | target | "
+            + " | ".join(f"{s} steps" for s in steps)
+            + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(steps),
+        ]
+        for r in results:
+            for c in r["curves"]:
+                evs = " | ".join(f"{ev:.3f}" for _, ev in c["curve"])
+                o = r["oracles"]
+                lines.append(
+                    f"| {r['seed']} | {r['reward']:.3f} | {o['position']:.3f} | {o['position + mistake made']:.3f} | "
+                    f"{c['critic']} | {c['target']} | {evs} |"
+                )
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
