@@ -13,7 +13,7 @@ the rollout's settings, scores them with math-verify, and trains each critic on 
 code (critic_values, value_loss, make_optimizer, clip_and_step: the critic preset's lr and clipping, 32 sequences per
 step) on a critic made as load_critic makes it, without FSDP (in one process it only adds overhead). It reports the
 explained variance on the other 20% as training goes on. In RL each mini-critic has taken 800 such steps by
-iteration 200 (64 prompts x 4 responses / 2 shards / 32 per step x 200).
+iteration 200 (64 prompts x 4 responses / 2 shards / 32 per step x 200), ppo's single critic 1,600.
 
 Two targets:
 * return:  the final reward on every token, what the trainer regresses on (GAE with γ = λ = 1);
@@ -242,10 +242,11 @@ def write_report(runs, out):
     lines = [
         "# Critic probe: can a critic learn the return on tiny-add2? (offline, fixed policy)",
         "",
-        "Held-out explained variance after N critic optimizer steps of 32 sequences. The RL run's mini-critics have "
-        "taken 800 by iteration 200. Target `return`: the explained variance of the held-out return, the critic's job. "
-        "Target `mistake`: the explained variance of the held-out mistake flag itself (can the network compute it?). "
-        "The oracles are fitted on the training responses' returns: the success rate by token position, and by "
+        "Held-out explained variance after N critic optimizer steps of 32 sequences. By iteration 200 of a "
+        "tiny-add2 RL run each mini-critic has taken 800, ppo's single critic 1,600. Target `return`: the explained "
+        "variance of the held-out return, the critic's job. Target `mistake`: the explained variance of the held-out "
+        "mistake flag itself (can the network compute it?). The oracles are fitted on the training responses' "
+        "returns: the success rate by token position, and by "
         "position and whether a mistake was already made.",
     ]
     for cmd, results in by_setting.items():
