@@ -2,7 +2,8 @@
 
     python bench/critic_probe.py                        # seeds 1-3, one after another (~15-25 min each on 2 cores)
     python bench/critic_probe.py --seeds 2 --threads 1  # one seed: start seeds side by side; finished ones are reused
-    python bench/critic_probe.py --responses 40960 --lr 1e-3 --targets return   # the second setting in the report
+    python bench/critic_probe.py --responses 40960 --lr 1e-3 --targets return   # the report's second setting
+    python bench/critic_probe.py --targets mistake-then-return                   # and its third
 
 Each seed's result is saved under bench/runs/critic_probe; bench/critic_probe.md is rewritten from all saved results,
 one section per setting.
@@ -19,6 +20,8 @@ Two targets:
 * return:  the final reward on every token, what the trainer regresses on (GAE with γ = λ = 1);
 * mistake: 1 on the tokens after the response has first left the worked solution, else 0. The value V(s_t) of a
   state depends on this; the target gives it densely, token by token, instead of through one reward per response.
+* mistake-then-return: the mistake flag first, then the return: does a critic that can already check a written sum
+  learn the value within an RL run's critic steps?
 And two oracles that are fitted on the training responses' returns and tested on the others: the success rate by
 token position, and by position and whether a mistake was already made.
 """
@@ -44,6 +47,7 @@ CRITICS = {  # name -> (its base, as below in main)
     "l2": "mini-critic, 2 layers",
     "actor": "the actor's checkpoint (ppo's)",
 }
+THEN_RETURN_STEPS = 2000  # mistake-then-return: steps on the return after the mistake flag
 CHECKPOINTS = [
     200,
     800,
@@ -130,44 +134,47 @@ def oracle_ev(train, test, key, tok):
     return A.explained_variance(pred, ret, torch.ones_like(ret))
 
 
+def held_out_ev(critic, tensors, L):
+    input_ids, attn, mask, y = tensors
+    with torch.no_grad():
+        values = [A.critic_values(critic, input_ids[i : i + 64], attn[i : i + 64], L) for i in range(0, len(mask), 64)]
+    return A.explained_variance(torch.cat(values), y, mask)
+
+
 def probe(cfg, critic_path, train, test, target, steps, seed, log):
-    """Train a fresh critic from critic_path on `train` for `steps` optimizer steps -> [(step, held-out EV)]."""
+    """Train a fresh critic from critic_path on `train` -> [(step, held-out EV)]. Target "return" or "mistake":
+    `steps` optimizer steps on it. "mistake-then-return": `steps` on the mistake flag (a critic that has learned to
+    check a written sum, as a pretrained critic might bring), then THEN_RETURN_STEPS on the return, from a fresh
+    optimizer; the curve is the second stage's."""
     tok, L, C = A.tiny_tokenizer(), cfg.rollout.max_new_tokens, cfg.critic
     config = AutoConfig.from_pretrained(critic_path, num_labels=1)
     config.classifier_dropout = 0.0
     torch.manual_seed(seed)  # the value head's initialisation, as load_critic
     transformers.utils.logging.set_verbosity_error()  # no report that the value head is new: it is, by design
     critic = A.for_training(AutoModelForTokenClassification.from_pretrained(critic_path, config=config), cfg)
-    opt, sched = A.make_optimizer(critic, C, steps)
-    test_tensors = batch_tensors(test, target, tok, L)
-
-    def held_out_ev():
-        input_ids, attn, mask, y = test_tensors
-        with torch.no_grad():
-            values = torch.cat(
-                [
-                    A.critic_values(critic, input_ids[i : i + 64], attn[i : i + 64], L)
-                    for i in range(0, len(input_ids), 64)
-                ]
-            )
-        return A.explained_variance(values, y, mask)
-
-    curve, order, step, rng = [], [], 0, random.Random(seed)
-    while step < steps:
-        if len(order) < C.sequences_per_step:  # a new epoch over the training responses
-            order = list(range(len(train)))
-            rng.shuffle(order)
-        idx, order = order[: C.sequences_per_step], order[C.sequences_per_step :]
-        input_ids, attn, mask, y = batch_tensors([train[i] for i in idx], target, tok, L)
-        for mb in torch.arange(len(idx)).split(C.micro_batch_size):  # gradient accumulation, as update_critics
-            values = A.critic_values(critic, input_ids[mb], attn[mb], L)
-            loss = A.value_loss(values, y[mb], mask[mb], cfg.algo.loss_agg)
-            (loss * len(mb) / len(idx)).backward()
-        A.clip_and_step(critic, opt, sched, C.max_grad_norm)
-        step += 1
-        if step in CHECKPOINTS or step == steps:
-            curve.append((step, held_out_ev()))
-            log(f"    step {step}: held-out explained variance {curve[-1][1]:.3f}")
+    stages = (
+        [("mistake", steps), ("return", THEN_RETURN_STEPS)] if target == "mistake-then-return" else [(target, steps)]
+    )
+    rng = random.Random(seed)
+    for stage_target, stage_steps in stages:
+        opt, sched = A.make_optimizer(critic, C, stage_steps)
+        test_tensors = batch_tensors(test, stage_target, tok, L)
+        curve, order, step = [], [], 0
+        while step < stage_steps:
+            if len(order) < C.sequences_per_step:  # a new epoch over the training responses
+                order = list(range(len(train)))
+                rng.shuffle(order)
+            idx, order = order[: C.sequences_per_step], order[C.sequences_per_step :]
+            input_ids, attn, mask, y = batch_tensors([train[i] for i in idx], stage_target, tok, L)
+            for mb in torch.arange(len(idx)).split(C.micro_batch_size):  # gradient accumulation, as update_critics
+                values = A.critic_values(critic, input_ids[mb], attn[mb], L)
+                loss = A.value_loss(values, y[mb], mask[mb], cfg.algo.loss_agg)
+                (loss * len(mb) / len(idx)).backward()
+            A.clip_and_step(critic, opt, sched, C.max_grad_norm)
+            step += 1
+            if step in CHECKPOINTS or step == stage_steps:
+                curve.append((step, held_out_ev(critic, test_tensors, L)))
+                log(f"    {stage_target}, step {step}: held-out explained variance {curve[-1][1]:.3f}")
     return curve
 
 
@@ -186,7 +193,9 @@ def main():
     p.add_argument("--steps", type=int, default=16000, help="critic optimizer steps of 32 sequences")
     p.add_argument("--lr", type=float, default=A.Config().critic.lr, help="critic lr (default: the trainer's)")
     p.add_argument("--critics", nargs="+", default=["l1", "actor"], choices=list(CRITICS))
-    p.add_argument("--targets", nargs="+", default=["return", "mistake"], choices=["return", "mistake"])
+    p.add_argument(
+        "--targets", nargs="+", default=["return", "mistake"], choices=["return", "mistake", "mistake-then-return"]
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "critic_probe.md"), help="the report of every saved probe")
     p.add_argument("--runs", default=str(ROOT / "bench" / "runs" / "critic_probe"), help="one result file per seed")
@@ -226,7 +235,8 @@ def main():
                 print(f"  {CRITICS[key]}, target {target}:", flush=True)
                 t0 = time.time()
                 curve = probe(cfg, base[key], train, test, target, args.steps, seed, print)
-                print(f"  ({(time.time() - t0) / args.steps * 1000:.1f} ms per step)", flush=True)
+                n = args.steps + THEN_RETURN_STEPS * (target == "mistake-then-return")
+                print(f"  ({(time.time() - t0) / n * 1000:.1f} ms per step)", flush=True)
                 curves.append(dict(critic=CRITICS[key], target=target, curve=curve))
         result = dict(setting=setting, seed=seed, reward=reward, oracles=oracles, curves=curves)
         saved.write_text(json.dumps(dict(result, minutes=(time.time() - seed_start) / 60)))
@@ -236,7 +246,7 @@ def main():
 def write_report(runs, out):
     """bench/critic_probe.md: every probe saved in `runs`, one section per setting, one row per seed and curve."""
     by_setting = {}
-    for f in sorted(runs.glob("*.json")):
+    for f in sorted(runs.glob("*.json"), key=lambda f: f.stat().st_mtime):  # settings in the order they were run
         r = json.loads(f.read_text())
         by_setting.setdefault(command(r["setting"]), []).append(r)
     lines = [
@@ -245,9 +255,10 @@ def write_report(runs, out):
         "Held-out explained variance after N critic optimizer steps of 32 sequences. By iteration 200 of a "
         "tiny-add2 RL run each mini-critic has taken 800, ppo's single critic 1,600. Target `return`: the explained "
         "variance of the held-out return, the critic's job. Target `mistake`: the explained variance of the held-out "
-        "mistake flag itself (can the network compute it?). The oracles are fitted on the training responses' "
-        "returns: the success rate by token position, and by "
-        "position and whether a mistake was already made.",
+        "mistake flag itself (can the network compute it?). Target `mistake-then-return`: `--steps` on the mistake "
+        "flag, then the steps in the columns on the return; the explained variance of the return. The oracles are "
+        "fitted on the training responses' returns: the success rate by token position, and by position and whether "
+        "a mistake was already made.",
     ]
     for cmd, results in by_setting.items():
         results.sort(key=lambda r: r["seed"])
