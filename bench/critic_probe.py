@@ -60,7 +60,7 @@ CHECKPOINTS = [
 
 def sample_responses(cfg, actor_path, n, seed):
     """n responses of the base actor, G per prompt, with the rollout's sampling settings: (prompt ids, response ids
-    ending in <|im_end|> or cut at max_new_tokens, reward, worked solution)."""
+    ending in <|im_end|> or cut at max_new_tokens, reward, mistake flag of each token)."""
     tok = A.tiny_tokenizer()
     actor = AutoModelForCausalLM.from_pretrained(actor_path, dtype=torch.float32).eval()
     r, G = cfg.rollout, cfg.rollout.group_size
@@ -88,7 +88,7 @@ def sample_responses(cfg, actor_path, n, seed):
                 response = response[: response.index(tok.eos_token_id) + 1]
             _, answer, solution = problems[i // G]
             reward = A.math_reward(tok.decode(response, skip_special_tokens=True), answer)
-            rows.append((prompts[i], response, reward, solution))
+            rows.append((prompts[i], response, reward, mistake_flags(response, solution, tok)))
     return rows[:n]
 
 
@@ -101,32 +101,30 @@ def mistake_flags(response, solution, tok):
     return flags
 
 
-def batch_tensors(rows, target, tok, L):
+def batch_tensors(rows, target, pad_id, L):
     """input_ids, attn [n, P+L] (left-padded prompt | right-padded response), mask [n, L] and the target [n, L]."""
     P = max(len(p) for p, _, _, _ in rows)
-    input_ids = torch.full((len(rows), P + L), tok.pad_token_id)
+    input_ids = torch.full((len(rows), P + L), pad_id)
     attn, mask, y = torch.zeros_like(input_ids), torch.zeros(len(rows), L), torch.zeros(len(rows), L)
-    for i, (prompt, response, reward, solution) in enumerate(rows):
+    for i, (prompt, response, reward, flags) in enumerate(rows):
         input_ids[i, P - len(prompt) : P + len(response)] = torch.tensor(prompt + response)
         attn[i, P - len(prompt) : P + len(response)] = 1
         mask[i, : len(response)] = 1
-        y[i, : len(response)] = torch.tensor(
-            mistake_flags(response, solution, tok) if target == "mistake" else [reward] * len(response)
-        )
+        y[i, : len(response)] = torch.tensor(flags if target == "mistake" else [reward] * len(response))
     return input_ids, attn, mask, y
 
 
-def oracle_ev(train, test, key, tok):
+def oracle_ev(train, test, key):
     """Explained variance on `test` of the mean return of the training tokens that share key(position, mistake)."""
     sums = {}
-    for _, response, reward, solution in train:
-        for t, wrong in enumerate(mistake_flags(response, solution, tok)):
+    for _, _, reward, flags in train:
+        for t, wrong in enumerate(flags):
             s, c = sums.get(key(t, wrong), (0.0, 0))
             sums[key(t, wrong)] = (s + reward, c + 1)
     mean = sum(row[2] for row in train) / len(train)
     pred, ret = [], []
-    for _, response, reward, solution in test:
-        for t, wrong in enumerate(mistake_flags(response, solution, tok)):
+    for _, _, reward, flags in test:
+        for t, wrong in enumerate(flags):
             s, c = sums.get(key(t, wrong), (mean, 1))
             pred.append(s / c)
             ret.append(reward)
@@ -158,14 +156,14 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log):
     rng = random.Random(seed)
     for stage_target, stage_steps in stages:
         opt, sched = A.make_optimizer(critic, C, stage_steps)
-        test_tensors = batch_tensors(test, stage_target, tok, L)
+        test_tensors = batch_tensors(test, stage_target, tok.pad_token_id, L)
         curve, order, step = [], [], 0
         while step < stage_steps:
             if len(order) < C.sequences_per_step:  # a new epoch over the training responses
                 order = list(range(len(train)))
                 rng.shuffle(order)
             idx, order = order[: C.sequences_per_step], order[C.sequences_per_step :]
-            input_ids, attn, mask, y = batch_tensors([train[i] for i in idx], stage_target, tok, L)
+            input_ids, attn, mask, y = batch_tensors([train[i] for i in idx], stage_target, tok.pad_token_id, L)
             for mb in torch.arange(len(idx)).split(C.micro_batch_size):  # gradient accumulation, as update_critics
                 values = A.critic_values(critic, input_ids[mb], attn[mb], L)
                 loss = A.value_loss(values, y[mb], mask[mb], cfg.algo.loss_agg)
@@ -203,7 +201,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     setting = {k: getattr(args, k) for k in ("responses", "steps", "lr", "critics", "targets")}
-    runs, tok = Path(args.runs), A.tiny_tokenizer()
+    runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         saved = runs / f"{command(setting).split(' ', 2)[2].replace(' ', '_').replace('--', '')}_seed{seed}.json"
@@ -224,8 +222,8 @@ def main():
         reward = sum(r[2] for r in rows) / len(rows)
         print(f"seed {seed}: {len(rows)} responses, mean reward {reward:.3f}", flush=True)
         oracles = {
-            "position": oracle_ev(train, test, lambda t, wrong: t, tok),
-            "position + mistake made": oracle_ev(train, test, lambda t, wrong: (t, wrong), tok),
+            "position": oracle_ev(train, test, lambda t, wrong: t),
+            "position + mistake made": oracle_ev(train, test, lambda t, wrong: (t, wrong)),
         }
         print(f"  oracles: {oracles}", flush=True)
         base = {"l1": critic1, "l2": critic2, "actor": actor}
@@ -262,7 +260,7 @@ def write_report(runs, out):
     ]
     for cmd, results in by_setting.items():
         results.sort(key=lambda r: r["seed"])
-        steps = [s for s, _ in results[0]["curves"][0]["curve"]]
+        steps = sorted({s for r in results for c in r["curves"] for s, _ in c["curve"]})  # targets may differ in steps
         minutes = "-".join(map(str, sorted({round(r["minutes"]) for r in results})))  # "13" or "12-14"
         lines += [
             "",
@@ -279,7 +277,8 @@ def write_report(runs, out):
         ]
         for r in results:
             for c in r["curves"]:
-                evs = " | ".join(f"{ev:.3f}" for _, ev in c["curve"])
+                at = dict(c["curve"])
+                evs = " | ".join(f"{at[s]:.3f}" if s in at else "–" for s in steps)
                 o = r["oracles"]
                 lines.append(
                     f"| {r['seed']} | {r['reward']:.3f} | {o['position']:.3f} | {o['position + mistake made']:.3f} | "
