@@ -4,6 +4,7 @@
     python bench/critic_probe.py --seeds 2 --threads 1  # one seed: start seeds side by side; finished ones are reused
     python bench/critic_probe.py --responses 40960 --lr 1e-3 --targets return   # the report's second setting
     python bench/critic_probe.py --targets mistake-then-return                   # and its third
+    python bench/critic_probe.py --targets mistake-then-rl                       # and its fourth: inside RL
 
 Each seed's result is saved under bench/runs/critic_probe; bench/critic_probe.md is rewritten from all saved results,
 one section per setting.
@@ -22,13 +23,20 @@ Two targets:
   state depends on this; the target gives it densely, token by token, instead of through one reward per response.
 * mistake-then-return: the mistake flag first, then the return: does a critic that can already check a written sum
   learn the value within an RL run's critic steps?
+* mistake-then-rl: the mistake flag first, then the critic is saved and an RL run starts from it: the trainer itself
+  (`asyppo.py --preset tiny-add2 model.actor=<this seed's base actor> model.critic=<the saved critic>`, both
+  critics from it), and the report gives the critics' explained variance as the run logs it.
 And two oracles that are fitted on the training responses' returns and tested on the others: the success rate by
 token position, and by position and whether a mistake was already made.
 """
 
 import argparse
 import json
+import math
+import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +55,9 @@ CRITICS = {  # name -> (its base, as below in main)
     "l2": "mini-critic, 2 layers",
     "actor": "the actor's checkpoint (ppo's)",
 }
+RL_ITERATIONS = 300  # mistake-then-rl: the bench's run length (the actor's cosine lr follows it)
+FILES = ("metrics.jsonl", "diagnostics.jsonl")
+RL_WINDOWS = [(0, 50), (50, 100), (100, 150), (150, 200), (175, 200), (250, 300)]  # critics' EV averaged over these
 THEN_RETURN_STEPS = 2000  # mistake-then-return: steps on the return after the mistake flag
 CHECKPOINTS = [
     200,
@@ -139,19 +150,20 @@ def held_out_ev(critic, tensors, L):
     return A.explained_variance(torch.cat(values), y, mask)
 
 
-def probe(cfg, critic_path, train, test, target, steps, seed, log):
+def probe(cfg, critic_path, train, test, target, steps, seed, log, save=None):
     """Train a fresh critic from critic_path on `train` -> [(step, held-out EV)]. Target "return" or "mistake":
     `steps` optimizer steps on it. "mistake-then-return": `steps` on the mistake flag (a critic that has learned to
     check a written sum, as a pretrained critic might bring), then THEN_RETURN_STEPS on the return, from a fresh
-    optimizer; the curve is the second stage's."""
+    optimizer; the curve is the second stage's. "mistake-then-rl": the mistake flag, then the critic is written to
+    `save` (an HF directory, value head included) for run_rl; the curve is the flag's."""
     tok, L, C = A.tiny_tokenizer(), cfg.rollout.max_new_tokens, cfg.critic
     config = AutoConfig.from_pretrained(critic_path, num_labels=1)
     config.classifier_dropout = 0.0
     torch.manual_seed(seed)  # the value head's initialisation, as load_critic
     transformers.utils.logging.set_verbosity_error()  # no report that the value head is new: it is, by design
     critic = A.for_training(AutoModelForTokenClassification.from_pretrained(critic_path, config=config), cfg)
-    stages = (
-        [("mistake", steps), ("return", THEN_RETURN_STEPS)] if target == "mistake-then-return" else [(target, steps)]
+    stages = {"mistake-then-return": [("mistake", steps), ("return", THEN_RETURN_STEPS)]}.get(
+        target, [("mistake" if target == "mistake-then-rl" else target, steps)]
     )
     rng = random.Random(seed)
     for stage_target, stage_steps in stages:
@@ -173,7 +185,52 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log):
             if step in CHECKPOINTS or step == stage_steps:
                 curve.append((step, held_out_ev(critic, test_tensors, L)))
                 log(f"    {stage_target}, step {step}: held-out explained variance {curve[-1][1]:.3f}")
+    if save:
+        critic.save_pretrained(save)
+        tok.save_pretrained(save)
     return curve
+
+
+def run_rl(actor_path, critic_path, seed, steps, threads, out):
+    """The trainer on tiny-add2 from this seed's base actor, both critics from critic_path: its metrics.jsonl and
+    diagnostics.jsonl, each a list of dicts."""
+    metrics = out / "metrics.jsonl"
+    if not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny-add2", f"seed={seed}"]
+        cmd += [f"max_steps={steps}", f"model.actor={actor_path}", f"model.critic={critic_path}", f"output_dir={out}"]
+        print("  +", " ".join(cmd), flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads or os.cpu_count())}
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    return [[json.loads(line) for line in (out / f).read_text().splitlines()] for f in FILES]
+
+
+TOKEN_CLASSES = {  # for where the σ masks fall (diagnostics.jsonl): one character per token on the tiny tasks
+    "digits": set("0123456789"),
+    "+ = ;": set("+=;"),
+    "\\boxed{} and im_end": set("\\boxed{}") | {"<|im_end|>"},  # (no "|" in a markdown table cell)
+}
+
+
+def rl_summary(metrics, diagnostics):
+    """What the report shows of an RL run: the critics' mean explained variance and the reward, by window, and the
+    share of each token class's occurrences that the advantage mask and the entropy filter took over the run (among
+    the tokens diagnostics.jsonl lists last: the 20 most masked and the 20 most filtered)."""
+
+    def mean(key_ok, a, b):
+        xs = [v for m in metrics[a:b] for k, v in m.items() if key_ok(k) and math.isfinite(v)]
+        return sum(xs) / len(xs) if xs else math.nan
+
+    ev = {f"{a}-{b - 1}": mean(lambda k: k.endswith("/explained_variance"), a, b) for a, b in RL_WINDOWS}
+    reward = {
+        f"{a}-{b - 1}": mean(lambda k: k == "reward/mean", a, b)
+        for a, b in [(0, 25), (len(metrics) - 25, len(metrics))]
+    }
+    last, masks = diagnostics[-1], {}
+    for kind, label in (("adv_masked", "advantage mask"), ("ent_filtered", "entropy filter")):
+        for name, chars in TOKEN_CLASSES.items():
+            rows = [(count, count / share) for token, count, share in last[kind] if token in chars and share > 0]
+            masks[f"{label}: {name}"] = sum(c for c, _ in rows) / sum(n for _, n in rows) if rows else math.nan
+    return dict(ev=ev, reward=reward, masks=masks)
 
 
 def command(a):
@@ -192,7 +249,10 @@ def main():
     p.add_argument("--lr", type=float, default=A.Config().critic.lr, help="critic lr (default: the trainer's)")
     p.add_argument("--critics", nargs="+", default=["l1", "actor"], choices=list(CRITICS))
     p.add_argument(
-        "--targets", nargs="+", default=["return", "mistake"], choices=["return", "mistake", "mistake-then-return"]
+        "--targets",
+        nargs="+",
+        default=["return", "mistake"],
+        choices=["return", "mistake", "mistake-then-return", "mistake-then-rl"],
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "critic_probe.md"), help="the report of every saved probe")
@@ -210,7 +270,7 @@ def main():
         seed_start = time.time()
         cfg = A.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny-add2", f"seed={seed}"])
         cfg.critic.lr = args.lr
-        work = Path(tempfile.mkdtemp(prefix=f"critic_probe_s{seed}_"))
+        work = Path(tempfile.mkdtemp(prefix=f"critic_probe_s{seed}_"))  # the base models and the saved critics
         actor, critic1 = A.build_tiny_models(cfg, work / "layers1")
         critic2 = None
         if "l2" in args.critics:  # the same actor again, and a 2-layer critic base
@@ -232,12 +292,18 @@ def main():
             for target in args.targets:
                 print(f"  {CRITICS[key]}, target {target}:", flush=True)
                 t0 = time.time()
-                curve = probe(cfg, base[key], train, test, target, args.steps, seed, print)
+                save = work / f"checked_{key}" if target == "mistake-then-rl" else None
+                curve = probe(cfg, base[key], train, test, target, args.steps, seed, print, save)
                 n = args.steps + THEN_RETURN_STEPS * (target == "mistake-then-return")
                 print(f"  ({(time.time() - t0) / n * 1000:.1f} ms per step)", flush=True)
                 curves.append(dict(critic=CRITICS[key], target=target, curve=curve))
+                if save:
+                    logs = run_rl(actor, save, seed, RL_ITERATIONS, args.threads, runs / "rl" / f"{saved.stem}_{key}")
+                    curves[-1]["rl"] = rl_summary(*logs)
+                    print(f"  RL run: {curves[-1]['rl']}", flush=True)
         result = dict(setting=setting, seed=seed, reward=reward, oracles=oracles, curves=curves)
         saved.write_text(json.dumps(dict(result, minutes=(time.time() - seed_start) / 60)))
+        shutil.rmtree(work)
     write_report(runs, Path(args.out))
 
 
@@ -254,7 +320,8 @@ def write_report(runs, out):
         "tiny-add2 RL run each mini-critic has taken 800, ppo's single critic 1,600. Target `return`: the explained "
         "variance of the held-out return, the critic's job. Target `mistake`: the explained variance of the held-out "
         "mistake flag itself (can the network compute it?). Target `mistake-then-return`: `--steps` on the mistake "
-        "flag, then the steps in the columns on the return; the explained variance of the return. The oracles are "
+        "flag, then the steps in the columns on the return; the explained variance of the return. Target "
+        "`mistake-then-rl`: the mistake flag's curve, then an RL run from that critic (its own table). The oracles are "
         "fitted on the training responses' returns: the success rate by token position, and by position and whether "
         "a mistake was already made.",
     ]
@@ -284,6 +351,38 @@ def write_report(runs, out):
                     f"| {r['seed']} | {r['reward']:.3f} | {o['position']:.3f} | {o['position + mistake made']:.3f} | "
                     f"{c['critic']} | {c['target']} | {evs} |"
                 )
+        rl = [(r["seed"], c) for r in results for c in r["curves"] if "rl" in c]
+        if rl:  # mistake-then-rl: what the trainer logged in the RL run from each saved critic
+            ev_cols, reward_cols = list(rl[0][1]["rl"]["ev"]), list(rl[0][1]["rl"]["reward"])
+            lines += [
+                "",
+                f"Then `asyppo.py --preset tiny-add2`, {RL_ITERATIONS} iterations, from the seed's base actor with "
+                "both critics from the saved one: the critics' explained variance as the trainer logs it (the mean of "
+                "the two critics, over the iterations named), and the reward.",
+                "",
+                "| seed | critic | "
+                + " | ".join(f"EV, its. {w}" for w in ev_cols)
+                + " | "
+                + " | ".join(f"reward, its. {w}" for w in reward_cols)
+                + " |",
+                "|---|---|" + "---|" * (len(ev_cols) + len(reward_cols)),
+            ]
+            for seed, c in rl:
+                cells = [c["rl"]["ev"][w] for w in ev_cols] + [c["rl"]["reward"][w] for w in reward_cols]
+                lines.append(f"| {seed} | {c['critic']} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
+            mask_cols = list(rl[0][1]["rl"]["masks"])
+            lines += [
+                "",
+                "Where the σ masks fall in those runs: the share of each token class's occurrences that the advantage "
+                "mask (lowest σ) and the entropy filter (highest σ) took over the run, from the last line of "
+                "`diagnostics.jsonl` (among the 20 tokens it lists for each). Both take 20% of all tokens.",
+                "",
+                "| seed | critic | " + " | ".join(mask_cols) + " |",
+                "|---|---|" + "---|" * len(mask_cols),
+            ]
+            for seed, c in rl:
+                masks = c["rl"]["masks"]
+                lines.append(f"| {seed} | {c['critic']} | " + " | ".join(f"{masks[k]:.3f}" for k in mask_cols) + " |")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
