@@ -328,7 +328,8 @@ def write_report(runs, out):
     for cmd, results in by_setting.items():
         results.sort(key=lambda r: r["seed"])
         steps = sorted({s for r in results for c in r["curves"] for s, _ in c["curve"]})  # targets may differ in steps
-        minutes = "-".join(map(str, sorted({round(r["minutes"]) for r in results})))  # "13" or "12-14"
+        lo, hi = min(round(r["minutes"]) for r in results), max(round(r["minutes"]) for r in results)
+        minutes = f"{lo}" if lo == hi else f"{lo}-{hi}"  # "13" or "12-14"
         lines += [
             "",
             f"## `{cmd}`",
