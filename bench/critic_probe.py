@@ -1,10 +1,11 @@
-"""Can a critic learn the return on tiny-add2 at all? An offline probe, outside RL.
+"""Can a critic learn the return on tiny-add2 at all? An offline probe, outside RL, and one RL run from its critic.
 
     python bench/critic_probe.py                        # seeds 1-3, one after another (~15-25 min each on 2 cores)
     python bench/critic_probe.py --seeds 2 --threads 1  # one seed: start seeds side by side; finished ones are reused
     python bench/critic_probe.py --responses 40960 --lr 1e-3 --targets return   # the report's second setting
     python bench/critic_probe.py --targets mistake-then-return                   # and its third
     python bench/critic_probe.py --targets mistake-then-rl                       # and its fourth: inside RL
+    python bench/critic_probe.py --targets mistake-then-rl --critics l2          # and its fifth
 
 Each seed's result is saved under bench/runs/critic_probe; bench/critic_probe.md is rewritten from all saved results,
 one section per setting.
@@ -17,8 +18,8 @@ step) on a critic made as load_critic makes it, without FSDP (in one process it 
 explained variance on the other 20% as training goes on. In RL each mini-critic has taken 800 such steps by
 iteration 200 (64 prompts x 4 responses / 2 shards / 32 per step x 200), ppo's single critic 1,600.
 
-Two targets:
-* return:  the final reward on every token, what the trainer regresses on (GAE with γ = λ = 1);
+Targets:
+* return: the final reward on every token, what the trainer regresses on (GAE with γ = λ = 1);
 * mistake: 1 on the tokens after the response has first left the worked solution, else 0. The value V(s_t) of a
   state depends on this; the target gives it densely, token by token, instead of through one reward per response.
 * mistake-then-return: the mistake flag first, then the return: does a critic that can already check a written sum
