@@ -48,6 +48,7 @@ import string
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -883,7 +884,8 @@ def _thread_pool():  # made on the first math_reward call from a thread other th
 
 
 def _reward_worker(conn):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer handles it
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or torchrun's SIGTERM to the process group: the trainer
+        signal.signal(sig, signal.SIG_IGN)  # handles it, and still scores the iteration it finishes before saving
     while True:
         try:
             response, answer = conn.recv()
@@ -908,12 +910,29 @@ class RewardPool:
         self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([self.module.__name__])
-        multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at the first score
+        # torchrun signals the whole process group: the server (and so its workers) ignores SIGTERM, so that the
+        # iteration the trainer finishes before saving still gets its rewards (signal.signal: main thread only)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
+        try:
+            multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at first score
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    starting = threading.Lock()  # class-wide: two pools swapping __main__ at once could leave the stand-in in place
 
     def _start(self):
         conn, child_conn = self.ctx.Pipe()
         proc = self.ctx.Process(target=self.module._reward_worker, args=(child_conn,), daemon=True)
-        proc.start()
+        # A child first re-runs the script named by sys.modules["__main__"] (spawn.get_preparation_data): the worker
+        # needs only this module, so a bare stand-in hides the script (a user's, unguarded, would run in every worker)
+        with RewardPool.starting:
+            main, sys.modules["__main__"] = sys.modules["__main__"], types.ModuleType("__main__")
+            try:
+                proc.start()
+            finally:
+                sys.modules["__main__"] = main
         child_conn.close()  # the worker holds the only other end: it sees EOF when this process dies
         return proc, conn
 
@@ -1425,6 +1444,8 @@ class HFEngine(RolloutEngine):
         """n responses per prompt (token ids up to and including the first stop token), grouped by prompt, and the
         sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
         self.require("generate", "awake")
+        if not prompts:  # evaluation: a rank may get no problem of a small set
+            return [], []
         torch.manual_seed(seed)
         s = {**self.sampling, **overrides}
         prompts = [p for p in prompts for _ in range(n)]
@@ -1593,27 +1614,30 @@ class VLLMEngine(RolloutEngine):
         for key, value in overrides.items():  # HF names -> vLLM names
             setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
         params.n = n  # G samples per prompt share the prompt's KV cache
-        everyone = self._gather_tp(prompts)
+        everyone, first = self._gather_tp(prompts)
         # one seed per prompt (vLLM gives sample k of a request the seed + k): with one seed for the whole batch,
         # sample k of every prompt would be drawn from the same random numbers. Seeded from the TP group's first
         # rank's seed.
-        rng = random.Random(self._gather_tp([seed])[0])
+        rng = random.Random(self._gather_tp([seed])[0][0])
+        if not everyone:  # evaluation: no problem of a small set on this rank (or TP group)
+            return [], []
         per_prompt = [params.clone() for _ in everyone]
         for p in per_prompt:
             p.seed = rng.getrandbits(31)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in everyone], per_prompt, use_tqdm=False)
         responses = [list(c.token_ids) for o in outs for c in o.outputs]
         logprobs = [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
-        return self._my_share(responses, len(prompts) * n), self._my_share(logprobs, len(prompts) * n)
+        mine = slice(first * n, (first + len(prompts)) * n)  # this rank's prompts' n samples each
+        return responses[mine], logprobs[mine]
 
     def score(self, pairs):
         """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1."""
         self.require("score", "awake")
-        everyone = self._gather_tp(pairs)
+        everyone, first = self._gather_tp(pairs)
         params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outs = self.llm.generate([{"prompt_token_ids": p + r} for p, r in everyone], params, use_tqdm=False)
         logprobs = [[d[t].logprob for d, t in zip(o.prompt_logprobs[len(p) :], r)] for o, (p, r) in zip(outs, everyone)]
-        return self._my_share(logprobs, len(pairs))
+        return logprobs[first : first + len(pairs)]
 
     def load_weights(self, named_tensors):
         # streamed: vLLM loads (and re-packs) each tensor as it arrives. reload_weights is the path that works on CPU;
@@ -1642,15 +1666,13 @@ class VLLMEngine(RolloutEngine):
         del self.llm  # with external_launcher, vLLM's teardown may destroy the default process group itself
 
     def _gather_tp(self, items):
+        """-> (every TP rank's items, in rank order; where this rank's start). Shares may differ in size or be empty
+        (evaluation splits problems over ranks unevenly): every rank of the group must still call in."""
         if self.tp_group is None:
-            return items
-        gathered = [None] * self.tp
-        dist.all_gather_object(gathered, items, group=self.tp_group)
-        return [x for part in gathered for x in part]
-
-    def _my_share(self, items, count):
-        first = dist.get_rank() % self.tp * count if self.tp_group else 0
-        return items[first : first + count]
+            return items, 0
+        parts = [None] * self.tp
+        dist.all_gather_object(parts, items, group=self.tp_group)
+        return [x for part in parts for x in part], sum(map(len, parts[: dist.get_rank(self.tp_group)]))
 
 
 def left_pad(sequences, pad_id, device):
@@ -2018,6 +2040,10 @@ def digest(*tensors):
     return torch.stack(sums)  # [len(tensors)] float64
 
 
+class RanksDisagreeError(RuntimeError):
+    pass
+
+
 def check_ranks_agree(what, value):
     """Stop if ranks computed different values for something that must be identical everywhere. value: a float64
     tensor of the same shape on every rank (a digest): one all_gather, one copy to the host, compared bit for bit."""
@@ -2025,7 +2051,7 @@ def check_ranks_agree(what, value):
     dist.all_gather(seen, value)
     bits = torch.stack(seen).view(torch.int64)  # [world, ...]: bit for bit (a NaN equals itself)
     if not bool((bits == bits[0]).all()):
-        raise RuntimeError(f"ranks disagree on {what}: {torch.stack(seen).tolist()}")
+        raise RanksDisagreeError(f"ranks disagree on {what}: {torch.stack(seen).tolist()}")
 
 
 def say(line):
@@ -2082,8 +2108,9 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_gr
         answers += [set_answers[i] for i in mine]
         sizes.append(len(mine))
     correct = [0.0] * len(sizes)
+    # every rank calls generate, with or without problems: the ranks of a vLLM TP group must call in together
+    responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
     if prompts:
-        responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
         start = 0
@@ -2265,6 +2292,7 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     wants_cuda(cfg)  # a GPU preset on a machine without one: say so first
     import_trackers(cfg.report_to)  # report_to names a package that is not installed: say so before loading anything
+    check_paths(cfg)  # output_dir and resume: a wrong one stops here, not after every model is loaded
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
     # holds the actor and a rollout engine; the rollout, reward and actor update run here
@@ -2280,8 +2308,21 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     B, G, M, N = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, sizes.n_global
 
-    # ---- models: the tiny preset builds its base models first (rank 0 writes, the others wait) -------------------
+    # ---- the actor's tokenizer and the data first: a bad file stops the run before any model is built or loaded ----
     actor_path, critic_path = cfg.model.actor, cfg.model.critic
+    tokenizer = (
+        tiny_tokenizer()  # the tiny preset's, which its build saves with the base actor
+        if actor_path == "tiny"
+        else load_or_exit(
+            "model.actor",
+            actor_path,
+            lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code),
+        )
+    )
+    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None
+    eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}
+
+    # ---- models: the tiny preset builds its base models (rank 0 writes, the others wait) -------------------------
     if "tiny" in (actor_path, critic_path):
         if rank == 0:
             log("tiny preset: building the base models (char tokenizer, Qwen3, a supervised warm start: not RL)")
@@ -2292,15 +2333,8 @@ def main(argv=None):
     if cfg.algo.name == "ppo":
         critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
     critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
-    tokenizer = load_or_exit(
-        "model.actor",
-        actor_path,
-        lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code),
-    )
     for path in dict.fromkeys(critic_paths):
         check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
-    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None  # bad data stops the
-    eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}  # run here, before any model is loaded
     timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # for every group, not only the default one
     # AsyPPO (split): the actor and each critic on their ranks
     actor_mesh, critic_meshes = make_groups(layout, device, timeout)
@@ -2603,7 +2637,7 @@ def main(argv=None):
             f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
             f"set on_nonfinite=skip to skip such updates instead"
         )
-    except RankZeroError as e:  # every rank stops with rank 0's message
+    except (RankZeroError, RanksDisagreeError) as e:  # every rank stops with one line (rank 0's message)
         tracker.close(exit_code=1)
         sys.exit(f"iteration {step}: {e}")
 
@@ -2623,6 +2657,26 @@ def main(argv=None):
         engine.close()
     if dist.is_initialized():  # vLLM's teardown may already have destroyed it
         dist.destroy_process_group()
+
+
+def check_paths(cfg):
+    """output_dir and resume=PATH, checked before anything is built or loaded: a wrong one is one line naming the key"""
+    out = Path(cfg.output_dir)
+    there = next(p for p in (out, *out.parents) if p.exists())  # the part of the path that exists already
+    if not there.is_dir():
+        sys.exit(
+            f"output_dir: '{cfg.output_dir}' "
+            + ("is a file, not a directory" if there == out else f"cannot be made: '{there}' is a file")
+        )
+    if cfg.resume in ("", "auto"):
+        return
+    ckpt = Path(cfg.resume)
+    holds = "a checkpoint (OUTPUT_DIR/checkpoints/step_N) is a directory of .metadata, trainer_state.pt and shards"
+    if not ckpt.is_dir():
+        sys.exit(f"resume: '{cfg.resume}' {'is not a directory' if ckpt.exists() else 'does not exist'}; {holds}")
+    missing = [name for name in (".metadata", "trainer_state.pt") if not (ckpt / name).is_file()]
+    if missing:  # a half-written step_N.tmp has no trainer_state.pt
+        sys.exit(f"resume: '{cfg.resume}' is not a checkpoint: it has no {', no '.join(missing)}; {holds}")
 
 
 def load_or_exit(what, path, load):
