@@ -2317,18 +2317,18 @@ AGREE_DRIVER = """
 import sys, torch, asyppo
 rank, world, _ = asyppo.setup_distributed(asyppo.parse_config(["device=cpu"]))
 asyppo.check_ranks_agree("equal values", torch.tensor([1.5, float("nan"), -0.0], dtype=torch.float64))
-print(f"[rank {rank}] equal values passed", flush=True)
+asyppo.say(f"[rank {rank}] equal values passed")
 try:  # 0.0 and -0.0 are equal as numbers but not bit for bit: the check is bit for bit
     asyppo.check_ranks_agree("signed zero", torch.tensor([0.0 if rank == 0 else -0.0], dtype=torch.float64))
-    print(f"[rank {rank}] signed zero passed", flush=True)
+    asyppo.say(f"[rank {rank}] signed zero passed")
 except RuntimeError as e:
-    print(f"[rank {rank}] caught: {e}", flush=True)
+    asyppo.say(f"[rank {rank}] caught: {e}")
 try:
     asyppo.check_ranks_agree("the test value", torch.tensor([1.0, float(rank)], dtype=torch.float64))
 except RuntimeError as e:
-    print(f"[rank {rank}] stopped: {e}", flush=True)
+    asyppo.say(f"[rank {rank}] stopped: {e}")  # one write a line: ranks share the pipe
     raise
-print(f"[rank {rank}] REACHED THE END", flush=True)
+asyppo.say(f"[rank {rank}] REACHED THE END")
 """
 
 
