@@ -2858,13 +2858,13 @@ def test_bf16_engine_and_trainer_agree_on_the_rehearsal_model(tmp_path, rehearsa
     must stay under the bf16 tolerance 0.1, before and after a sync. Few tokens (raw prompts, 8 new tokens): on a CPU
     without native bf16 one bf16 matmul takes ~40x the float32 one, and every token passes all 30 layers."""
     code = BF16_SYNC.replace("ACTOR", repr(rehearsal_models[0])).replace("ENGINE", engine)
-    res = snippet(code.replace("QUESTIONS", repr([q for q, _ in EASY[:2]])), timeout=1800)
+    res = snippet(code.replace("QUESTIONS", repr([EASY[0][0]])), timeout=1800)  # 1 prompt x 2 responses
     assert (
         res["engine"] == "torch.bfloat16"
         and res["masters"] == ["torch.float32"]
         and res["compute"] == ["torch.bfloat16"]
     )
-    assert res["tokens"] >= 8  # four responses to compare on
+    assert res["tokens"] >= 2  # two responses to compare on
     for mean, worst in (res["matched"], res["synced"]):
         assert 0 <= mean <= 0.1 and mean <= worst  # measured on CPU: 0 (hf), 0.04 (vLLM)
     print(f"bf16 sync check ({engine}): matched {res['matched']}, after a sync {res['synced']}")
