@@ -99,6 +99,14 @@ def snippet(code, timeout=600, nproc=0):
     return json.loads(out.split("RESULT ")[1].splitlines()[0])
 
 
+def user_script(path, *args, cwd=ROOT, timeout=300):
+    """Run a user's own script that imports asyppo (as `python my_script.py ARGS`); -> the CompletedProcess."""
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -806,14 +814,7 @@ t.join(60)
 print("REWARDS", out.get("right"), out.get("wrong"))
 """
     script.write_text(code.replace("RAN", repr(str(ran))))
-    p = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env={**ENV, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = user_script(script, cwd=tmp_path, timeout=120)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stdout.splitlines() == ["REWARDS 1.0 0.0"], p.stdout[-2000:]
     assert ran.read_text().splitlines() == ["ran"]  # the top level ran in this process only
@@ -2235,14 +2236,7 @@ def test_nonfinite_advantages_stop_naming_the_iteration_and_last_checkpoint(tmp_
     """No debug knob makes the advantages NaN: a driver script patches advantages_and_masks and calls asyppo.main."""
     driver, out = tmp_path / "nan_advantages.py", tmp_path / "out"
     driver.write_text(NAN_ADVANTAGES)
-    p = subprocess.run(
-        [sys.executable, str(driver), f"output_dir={out}", "max_steps=3", "save_steps=1", *tiny_base],
-        cwd=ROOT,
-        env={**ENV, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = user_script(driver, f"output_dir={out}", "max_steps=3", "save_steps=1", *tiny_base)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.stderr.strip().splitlines()[-1] == (
         "iteration 1: non-finite advantages (check the rewards and the critics' values). "
