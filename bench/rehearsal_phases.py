@@ -10,7 +10,8 @@ test_rehearsal_paper_preset_*, but with a few more responses per prompt (--group
 (--max-new-tokens) and questions of different lengths, so that the batch has prompt and response padding. No
 evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl time/*) averaged over the iterations after the
 first (warm-up), the per-phase peak memory (memory/*_gb: VmHWM on CPU, the max over ranks), the load average before
-and after, and writes OUT/run.json for --table. --dry-run also prints the --dry-run memory plan of the same overrides.
+and after, and writes OUT/run.json for --table. --dry-run also prints the memory plan of the same overrides
+(tools/plan_memory.py of the checkout; `asyppo.py --dry-run` at a checkout older than that tool).
 Extra key=value arguments are passed on (e.g. rollout.sync_check_tol=1 for an older commit).
 --cpu-clock: the trainer's time.time() reads its process's CPU time (time.process_time, through a sitecustomize.py
 in the worker processes only), so time/* are CPU seconds per rank and phase: on a shared machine they move far less
@@ -110,8 +111,11 @@ def measure(args):
         )
         env["PYTHONPATH"] = os.pathsep.join([str(out), *filter(None, [env.get("PYTHONPATH")])])
     if args.dry_run:
+        # an older checkout (a "before" measurement) has no tool yet: its asyppo.py printed the plan itself
+        tool = Path(args.checkout) / "tools" / "plan_memory.py"
+        planner = ["tools/plan_memory.py"] if tool.is_file() else ["asyppo.py", "--dry-run"]
         p = subprocess.run(
-            [sys.executable, "asyppo.py", *argv, "--dry-run", "--world-size", "2"],
+            [sys.executable, *planner, *argv, "--world-size", "2"],
             cwd=args.checkout,
             env=env,
             capture_output=True,
@@ -178,7 +182,7 @@ if __name__ == "__main__":
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--out")
     parser.add_argument("--cpu-clock", action="store_true", help="time/* in CPU seconds (hf engine)")
-    parser.add_argument("--dry-run", action="store_true", help="print the --dry-run plan of these overrides too")
+    parser.add_argument("--dry-run", action="store_true", help="print the memory plan of these overrides too")
     parser.add_argument("--table", nargs="+", help="run.json files: print them side by side, run nothing")
     args = parser.parse_args()
     if args.table:

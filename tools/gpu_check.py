@@ -16,7 +16,7 @@ Part 2: a model with Qwen3-0.6B's published shapes (config.json of https://huggi
   bf16, gradient checkpointing, 2 prompts x 2 responses from a jsonl this script writes, for --steps iterations at
   --max-new-tokens. Random weights almost never emit EOS, so responses run to the limit: the point is to measure
   memory at long responses. Prints the measured peak memory per phase (memory/{rollout,values,update,sync}_gb)
-  next to the `--dry-run` plan for the same shapes and overrides.
+  next to the memory plan of tools/plan_memory.py for the same shapes and overrides.
 Exits non-zero if a part fails, after printing that part's last lines; every part's full log is in OUT/<part>.log.
 """
 
@@ -100,9 +100,10 @@ def write_prompts(path, n=8):
             )
 
 
-def start(name, args, out_dir):
-    """Start asyppo.py with `args`, its output going to OUT/<name>.log."""
-    cmd = [sys.executable, str(ROOT / "asyppo.py"), *args]
+def start(name, args, out_dir, script="asyppo.py"):
+    """Start `script` (asyppo.py or a tool, relative to the repository root) with `args`, its output going to
+    OUT/<name>.log."""
+    cmd = [sys.executable, str(ROOT / script), *args]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     log = open(out_dir / f"{name}.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -223,7 +224,6 @@ def main():
             "rollout.prompts_per_step=2",
             "rollout.group_size=2",
             f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"rollout.gpu_memory_gb={gpu_gb:.1f}",
             "actor.sequences_per_step=4",
             "actor.micro_batch_size=1",
             "actor.forward_micro_batch_size=1",
@@ -233,7 +233,9 @@ def main():
             f"max_steps={args.steps}",
             f"output_dir={run_dir}",
         ]
-        dry_run = start(name + "_dry_run", overrides + ["--dry-run"], out)  # loads only config.json: runs alongside
+        # the plan loads only config.json files: it runs alongside the training
+        plan_args = [*overrides, "--world-size", "1", "--gpu-memory-gb", f"{gpu_gb:.1f}"]
+        dry_run = start(name + "_dry_run", plan_args, out, script="tools/plan_memory.py")
         training = start(name, overrides, out)
         ok_plan, plan, _ = finish(dry_run, args.timeout)
         plan_lines = [line for line in plan.splitlines() if line.strip()] if ok_plan else []
@@ -247,7 +249,7 @@ def main():
                 describe_run(metrics),
                 "measured peak GB per phase (memory/<phase>_gb, max over iterations): "
                 + "  ".join(f"{ph} {gb:.2f}" for ph, gb in measured.items()),
-                "plan (--dry-run, same overrides, 1 rank):",
+                "plan (tools/plan_memory.py, same overrides, 1 rank):",
                 *[f"  | {line}" for line in plan_lines],
             ]
         results.append(
