@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import functools
 import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -255,8 +254,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = "data/deepmath_103k.jsonl"  # jsonl, one {prompt_key, answer_key} per line (or a hub dataset id)
-    split: str = "train"  # hub datasets only
+    train_path: str = "data/deepmath_103k.jsonl"  # jsonl, one {prompt_key, answer_key} per line
     prompt_key: str = "question"
     answer_key: str = "final_answer"
     difficulty_key: str = "difficulty"
@@ -314,7 +312,9 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warm-up of the learning rate, in optimizer steps
     lr_decay: str = "constant"  # after the warm-up: constant | cosine (down to min_lr_ratio x lr at max_steps)
     min_lr_ratio: float = 0.1  # cosine: the last iteration's learning rate, as a fraction of lr
-    sequences_per_step: int = 2048  # sequences per optimizer step, over all ranks (critics: within one shard)
+    sequences_per_step: int = (
+        2048  # sequences per optimizer step, over all ranks (critics: within their own Eq. 1 share)
+    )
     micro_batch_size: int = 1  # at most this many sequences per forward/backward on one rank (gradient accumulation)
     forward_micro_batch_size: int = 1  # sequences per no-grad forward on one rank (values, π_old)
     max_grad_norm: float = 1.0
@@ -325,7 +325,7 @@ class Config:
     seed: int = 42
     max_steps: int = 500  # iterations (rollout + update)
     output_dir: str = "runs/qwen3-4b-base"
-    save_steps: int = 50  # sharded, resumable checkpoint every N iterations (0: never)
+    save_steps: int = 50  # resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = ""  # auto: the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint directory
     report_to: list = field(default_factory=list)  # also log metrics to: tensorboard, wandb (optional installs)
@@ -525,7 +525,7 @@ class Layout:
     """Which (global) ranks hold what. colocated: every rank holds the actor, a rollout engine and every critic.
     split, the paper's asymmetric placement (4B actor on GPUs 0-7, two 1.7B critics on GPUs 8-15):
         ranks [0, A)      the actor (FSDP2 over A ranks) and one rollout engine each
-        ranks [A, A + K)  critic m FSDP2-sharded over its own K/M ranks, so the critics value and train at the same
+        ranks [A, A + K)  critic m in FSDP2 over its own K/M ranks, so the critics value and train at the same
                           time as each other and as the actor (K < M: each rank holds M/K critics)."""
 
     world: int
@@ -566,8 +566,8 @@ def make_layout(cfg, world):
 class Sizes:
     """Batch arithmetic, derived once from the config and the layout (all counts are sequences)."""
 
-    actor_dp: int  # ranks the actor is sharded over (data parallel)
-    critic_dp: int  # ranks each critic is sharded over
+    actor_dp: int  # ranks the actor's FSDP2 spans (data parallel)
+    critic_dp: int  # ranks each critic's FSDP2 spans
     n_global: int  # N = B * G sequences per iteration
     n_local: int  # sequences rolled out and trained on by one actor rank
     prompts_local: int
@@ -610,7 +610,7 @@ def derive_sizes(cfg, layout):
         )
         need(
             o.sequences_per_step % dp == 0,
-            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is sharded "
+            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is spread "
             f"over",
         )
         need(
@@ -672,15 +672,14 @@ def main(argv=None):
     G, M, N = cfg.rollout.group_size, cfg.algo.num_critics, sizes.n_global
     tokenizer, dataset, eval_sets = load_data(cfg, is_actor, log)  # a bad file stops the run before any model loads
     actor, critics, engine, stop_ids = build_models(cfg, layout, device, sizes, tokenizer, log)
-    held = ({"actor": actor} if actor else {}) | {
-        f"critic{m}": c for m, c in critics.items()
-    }  # what a checkpoint saves
+    held = {"actor": actor} if actor else {}  # what a checkpoint holds: this rank's models
+    held |= {f"critic{m}": c for m, c in critics.items()}
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     start_step, probe = resume(cfg, ckpt_dir, held, engine, log)
     describe_run(cfg, layout, sizes, held, log)
     logger = MetricsLog(cfg, start_step)  # rank 0 writes metrics.jsonl, samples.jsonl, and to report_to
-    a = layout.actor.index(rank) if is_actor else None  # this rank's place among the actor ranks
-    mine = slice(a * sizes.n_local, (a + 1) * sizes.n_local) if is_actor else None  # its rows of the batch
+    ar = layout.actor.index(rank) if is_actor else None  # this rank's place among the actor ranks
+    mine = slice(ar * sizes.n_local, (ar + 1) * sizes.n_local) if is_actor else None  # its rows of the batch
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: Eq. 1, which critic trains on each sequence, [N]
     sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
     stop_signal = stop_on_signals()  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit
@@ -690,12 +689,12 @@ def main(argv=None):
             t_start, metrics = time.time(), {}
             prompts, responses, scores = [], [], []
             if is_actor:  # every iteration reseeds: a resumed run samples the same
-                seed = cfg.seed * 1_000_003 + step * sizes.actor_dp + a
+                seed = cfg.seed * 1_000_003 + step * sizes.actor_dp + ar
                 torch.manual_seed(seed)
                 # ======== 1. rollout (actor ranks): G responses to each of this rank's prompts =======================
-                prompts, answers = prompt_batch(cfg, dataset, step, a, sizes.actor_dp)
+                prompts, answers = prompt_batch(cfg, dataset, step, ar, sizes.actor_dp)
                 responses, sampler_logp = engine.generate(prompts, G, seed)  # grouped: G consecutive rows per prompt
-                prompts, answers = [p for p in prompts for _ in range(G)], [a for a in answers for _ in range(G)]
+                prompts, answers = [p for p in prompts for _ in range(G)], [x for x in answers for _ in range(G)]
                 if step == start_step:  # the weight-sync check's probe: the first sequences of the first rollout
                     probe = probe or list(zip(prompts[: cfg.rollout.probe_size], responses))
                     check_weight_sync(
@@ -1130,7 +1129,7 @@ class SampledLogprobs(LogitsProcessor):
 
 
 class HFEngine(RolloutEngine):
-    """engine "hf": an unsharded copy of the actor on every actor rank, sampling with transformers' generate."""
+    """engine "hf": a full copy of the actor on every actor rank, sampling with transformers' generate."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
         self.model = (
@@ -1162,27 +1161,16 @@ class HFEngine(RolloutEngine):
         # the sampler's processors in generate's own order, then the recorder, which sees what is sampled from;
         # generate itself is told temperature 1 / no top-k / top-p 1 so that it adds none of its own
         recorder = SampledLogprobs()
-        warpers = (
-            ([TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else [])
-            + ([TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else [])
-            + ([TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else [])
-        )
+        warpers = [TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else []
+        warpers += [TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []
+        warpers += [TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else []
         gen_cfg = GenerationConfig(
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=s["max_new_tokens"],
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            repetition_penalty=1.0,
-            num_beams=1,
-        )
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s["max_new_tokens"],
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1,
+        )  # fmt: skip
+        processors = LogitsProcessorList(warpers + [recorder])
         out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attn,
-            generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList(warpers + [recorder]),
+            input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg, logits_processor=processors
         )
         tokens = out[:, input_ids.shape[1] :]  # [n, T]
         logp = recorder.finish(tokens)  # [n, T]
@@ -1198,11 +1186,8 @@ class HFEngine(RolloutEngine):
         """(prompt, response) token lists -> log-probs of each response's tokens at temperature 1."""
         self.require("score", "awake")
         L = max(len(r) for _, r in pairs)
-        # [n, P+L], responses at the end
-        input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1
-        ).logits
+        input_ids, attn = left_pad([p + r for p, r in pairs], self.pad_id, self.device)  # [n, P+L], responses last
+        logits = self.model(input_ids, attention_mask=attn, position_ids=positions(attn), logits_to_keep=L + 1).logits
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, -L:, None]).squeeze(-1)  # [n, L]
         return [row[L - len(r) :] for row, (_, r) in zip(logp.tolist(), pairs)]
 
@@ -1238,27 +1223,19 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):
         vllm = self.vllm = import_vllm()
-        # reload_weights warns "RotaryEmbedding: Failed to load weights" on every sync: RoPE's cos/sin cache is not in
-        # the checkpoint and is kept as it is, which is right. Silence that one logger.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            lambda record: "RotaryEmbedding" not in record.getMessage()
-        )
-        # on CPU, sleep pauses the scheduler as on GPU but frees nothing, and the CPU worker says so at every call
+        # two messages on every sync, both about things as they should be (docs/vllm.md): silenced
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        reload_log.addFilter(lambda record: "RotaryEmbedding" not in record.getMessage())
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(lambda record: "sleep mode" not in record.getMessage())
-        self.cuda, r, tp = device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
+        self.device, self.cuda, r, tp = device, device.type == "cuda", cfg.rollout, cfg.rollout.tensor_parallel_size
         self.dtype = getattr(torch, cfg.model.param_dtype)
-        # same seed in a TP group
-        self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))
+        self.llm = vllm.LLM(seed=cfg.seed + dist.get_rank() // tp, **self.engine_args(path, cfg, device))  # one per TP
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
         self.sampling = vllm.SamplingParams(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_tokens=r.max_new_tokens,
-            logprobs=0,  # the sampled token's only
-            stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids),
-        )
-        # with tensor parallelism, the ranks of a TP group (made by make_groups) drive one engine together and must pass
-        # the same inputs: they gather their prompts, generate for all of them, and each keeps its own share
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens, logprobs=0,
+            stop_token_ids=stop_ids,
+        )  # fmt: skip
+        # a TP group's ranks drive one engine with the same inputs: they pool their prompts, each keeps its own share
         self.tp, self.tp_group = tp, tp_group
 
     @staticmethod
@@ -1266,21 +1243,14 @@ class VLLMEngine(RolloutEngine):
         """vLLM's engine arguments, the same on every rank (the ranks without an engine build the same config)."""
         cuda, r = device.type == "cuda", cfg.rollout
         return dict(
-            model=path,
-            dtype=cfg.model.param_dtype,
-            tensor_parallel_size=r.tensor_parallel_size,
+            model=path, dtype=cfg.model.param_dtype, tensor_parallel_size=r.tensor_parallel_size,
             distributed_executor_backend="external_launcher",  # this process is vLLM's worker
-            gpu_memory_utilization=r.gpu_memory_utilization,
-            enable_sleep_mode=cuda,  # CPU: no sleep allocator
-            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
-            trust_remote_code=cfg.model.trust_remote_code,
-            # log-probs after temperature/top-k/top-p: what was sampled from
-            logprobs_mode="processed_logprobs",
-            # FlashInfer's autotuning (GPUs of compute capability >= 9.0) runs collectives over vLLM's world
-            # group, which with this launcher is the whole job: in split the critic ranks would never join them
-            enable_flashinfer_autotune=False,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda,  # CPU: no sleep allocator
+            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
+            logprobs_mode="processed_logprobs",  # after temperature, top-k and top-p: what was sampled from
+            enable_flashinfer_autotune=False,  # its collectives span the world, which the critic ranks never join
             enforce_eager=not cuda,
-        )
+        )  # fmt: skip
 
     @staticmethod
     def join_without_engine(path, cfg, device):
@@ -1291,13 +1261,12 @@ class VLLMEngine(RolloutEngine):
         from vllm.distributed import parallel_state
         from vllm.platforms import current_platform
 
-        tp = cfg.rollout.tensor_parallel_size
+        tp, local_rank = cfg.rollout.tensor_parallel_size, int(os.environ["LOCAL_RANK"])
         with set_current_vllm_config(
             vllm.EngineArgs(**VLLMEngine.engine_args(path, cfg, device)).create_engine_config()
         ):
-            parallel_state.init_distributed_environment(
-                tp, dist.get_rank(), "env://", int(os.environ["LOCAL_RANK"]), current_platform.dist_backend
-            )  # 1.
+            backend = current_platform.dist_backend
+            parallel_state.init_distributed_environment(tp, dist.get_rank(), "env://", local_rank, backend)  # 1.
             parallel_state.ensure_model_parallel_initialized(tp, 1)  # 2.
         free = torch.tensor([2**62])  # 3. (this rank's "free memory": it does not lower the minimum)
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=parallel_state.get_world_group().cpu_group)
@@ -1309,9 +1278,8 @@ class VLLMEngine(RolloutEngine):
             setattr(params, {"max_new_tokens": "max_tokens"}.get(key, key), value)
         params.n = n  # G samples per prompt share the prompt's KV cache
         everyone, first = self._gather_tp(prompts)
-        # one seed per prompt (vLLM gives sample k of a request the seed + k): with one seed for the whole batch,
-        # sample k of every prompt would be drawn from the same random numbers. Seeded from the TP group's first
-        # rank's seed.
+        # one seed per prompt, from the TP group's first rank's: vLLM gives sample k the seed + k, so one seed for the
+        # batch would draw sample k of every prompt from the same random numbers
         rng = random.Random(self._gather_tp([seed])[0][0])
         if not everyone:  # evaluation: no problem of a small set on this rank (or TP group)
             return [], []
@@ -1334,8 +1302,7 @@ class VLLMEngine(RolloutEngine):
         return logprobs[first : first + len(pairs)]
 
     def load_weights(self, named_tensors):
-        # streamed: vLLM loads (and re-packs) each tensor as it arrives. reload_weights is the path that works on CPU;
-        # model.load_weights via apply_model fails there, and reloading from a saved directory gave wrong outputs.
+        # streamed: vLLM loads (and re-packs) each tensor as it arrives (docs/vllm.md: why reload_weights)
         self.require("load_weights", "weights", "awake")
         in_dtype = ((name, t.to(self.dtype)) for name, t in named_tensors)  # float32 master -> engine dtype, 1 by 1
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": in_dtype})
@@ -1595,21 +1562,9 @@ def load_data(cfg, is_actor, log):
 
 
 def read_rows(path, fields, cfg, log=print):
-    """Rows of a jsonl file (or of a hub dataset, when `path` is no file and `datasets` is installed), each with every
-    key in `fields`. A line that is not UTF-8, not a JSON object or lacks a field stops the run naming file and line,
-    or with data.skip_bad_rows is skipped and counted."""
-    hub_id = (
-        "/" in str(path) and not str(path).startswith((".", "/", "~")) and not str(path).endswith((".jsonl", ".json"))
-    )
-    if not Path(path).is_file() and hub_id and importlib.util.find_spec("datasets"):
-        import datasets
-
-        rows = list(datasets.load_dataset(path, split=cfg.data.split))
-        missing = [k for k in fields if rows and k not in rows[0]]  # a hub dataset's columns are the same in every row
-        if not rows or missing:
-            has = f"no field(s) {missing}; it has {sorted(rows[0])}" if rows else "no rows"
-            sys.exit(f"data: {path} (split {cfg.data.split}): {has}")
-        return rows
+    """Rows of a jsonl file (tools/prepare_data.py writes the paper's), each with every key in `fields`. A line that is
+    not UTF-8, not a JSON object or lacks a field stops the run naming file and line, or with data.skip_bad_rows is
+    skipped and counted."""
     if not Path(path).is_file():
         sys.exit(f"data: {path}: no such file")
     rows, bad = [], 0
@@ -1656,7 +1611,7 @@ def encode_prompts(tokenizer, questions, data_cfg):
 
 
 def prompt_batch(cfg, dataset, step, part, parts):
-    """Iteration `step`'s prompts (token ids) and answers, shard `part` of `parts` (this actor rank's): a pure function
+    """Iteration `step`'s prompts (token ids) and answers, part `part` of `parts` (this actor rank's): a pure function
     of the step, so a resumed run sees the batches a straight run would. Shuffled anew every epoch."""
     prompts, answers = dataset
     B = cfg.rollout.prompts_per_step
@@ -1848,7 +1803,7 @@ def make_groups(layout, device, timeout):
             groups[tuple(ranks)] = dist.group.WORLD if whole else dist.new_group(ranks, timeout=timeout)
     mesh = lambda ranks: DeviceMesh.from_group(groups[tuple(ranks)], device.type)  # noqa: E731
     actor_mesh = mesh(layout.actor) if rank in layout.actor else None
-    return actor_mesh, {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}  # AsyPPO
+    return actor_mesh, {m: mesh(ranks) for m, ranks in enumerate(layout.critics) if rank in ranks}
 
 
 def make_tp_group(layout, tp, timeout):
@@ -1964,7 +1919,7 @@ def say(line):
 
 
 # =============================================================================================================
-# Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable; a signal saves one and stops
+# Checkpoints: torch.distributed.checkpoint, atomic, resumable; a signal saves one and stops
 # =============================================================================================================
 def resume(cfg, ckpt_dir, held, engine, log):
     """-> (first iteration, weight-sync probe or None), from the checkpoint resume= names (auto: the latest one).
@@ -2022,7 +1977,7 @@ def save_checkpoint(ckpt_dir, step, held, probe, keep):
             shutil.rmtree(old)
 
     on_rank0(start, f"checkpoint {tmp}")
-    dcp.save(dcp_state(held), checkpoint_id=str(tmp))  # every rank writes the shards it holds
+    dcp.save(dcp_state(held), checkpoint_id=str(tmp))  # every rank writes its part of each model it holds
     on_rank0(finish, f"checkpoint {final}")
     return final
 
@@ -2036,7 +1991,7 @@ def load_checkpoint(path, held):
     """Restore a save_checkpoint directory into this rank's (already FSDP2-wrapped) models, optimizers and schedules.
     -> (next step, probe)."""
     state = dcp_state(held)
-    dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
+    dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's parts of the models
     for name, t in held.items():
         set_model_state_dict(t.model, state[name])
         set_optimizer_state_dict(t.model, t.opt, state[f"{name}_optim"])
@@ -2119,19 +2074,19 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     """The paper's appendix diagnostics: σ percentiles, each critic's explained variance, the critics' correlation."""
     M, valid = values.shape[0], mask.bool()
     out = {
-        "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # AsyPPO: share with no policy gradient
-        "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask)),  # AsyPPO: share with no entropy bonus
+        "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # share with no policy gradient
+        "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask)),  # share with no entropy bonus
     }
     if M == 0:
         return out
-    sigma = values.std(0, unbiased=False)[valid]  # AsyPPO: σ of every valid token
+    sigma = values.std(0, unbiased=False)[valid]  # σ of every valid token
     q = quantiles(sigma, [0.1, 0.5, 0.9]).tolist()
-    out |= {"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0]}  # AsyPPO: σ's distribution
-    out |= {"asyppo/value_std_p50": q[1], "asyppo/value_std_p90": q[2]}  # AsyPPO
+    out |= {"asyppo/value_std_mean": float(sigma.mean()), "asyppo/value_std_p10": q[0]}  # σ's distribution
+    out |= {"asyppo/value_std_p50": q[1], "asyppo/value_std_p90": q[2]}
     out["critic/value_mean"] = float(values.mean(0)[valid].mean())
-    out["asyppo/value_std_zero_frac"] = float((sigma == 0).float().mean())  # AsyPPO: exact ties (bf16 values)
+    out["asyppo/value_std_zero_frac"] = float((sigma == 0).float().mean())  # exact ties (bf16 values)
     out |= {f"critic{m}/explained_variance": explained_variance(values[m], returns, mask) for m in range(M)}
-    if M > 1:  # AsyPPO: the mean Pearson correlation of the critics' values over all pairs
+    if M > 1:  # the mean Pearson correlation of the critics' values over all pairs
         corr = torch.corrcoef(values[:, valid])
         out["asyppo/critic_corr"] = float(corr[~torch.eye(M, dtype=torch.bool, device=corr.device)].mean())
     return out

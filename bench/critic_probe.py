@@ -11,10 +11,11 @@ Each seed's result is saved under bench/runs/critic_probe; bench/critic_probe.md
 one section per setting.
 
 In the RL run every mini-critic explains ~0 of the return on add2 (README). This asks whether that is the RL loop's
-fault or the critic's. It holds the policy fixed, the tiny-add2 base actor of a seed, samples responses from it with
-the rollout's settings, scores them with math-verify, and trains each critic on 80% of them with the trainer's own
-code (critic_values, value_loss, make_optimizer, clip_and_step: the critic preset's lr and clipping, 32 sequences per
-step) on a critic made as load_critic makes it, without FSDP (in one process it only adds overhead). It reports the
+fault or the critic's. It holds the policy fixed, the tiny-add2 base actor of a seed (`tools/make_tiny.py --task add2
+--seed S`, into a temporary directory), samples responses from it with the rollout's settings, scores them with
+math-verify, and trains each critic on 80% of them with the trainer's own code (critic_values, value_loss,
+make_optimizer, clip_and_step: the critic preset's lr and clipping, 32 sequences per step) on a critic made as
+load_critic makes it, without FSDP (in one process it only adds overhead). It reports the
 explained variance on the other 20% as training goes on. In RL each mini-critic has taken 800 such steps by
 iteration 200 (64 prompts x 4 responses / 2 shards / 32 per step x 200), ppo's single critic 1,600.
 
@@ -25,8 +26,10 @@ Targets:
 * mistake-then-return: the mistake flag first, then the return: does a critic that can already check a written sum
   learn the value within an RL run's critic steps?
 * mistake-then-rl: the mistake flag first, then the critic is saved and an RL run starts from it: the trainer itself
-  (`asyppo.py --preset tiny-add2 model.actor=<this seed's base actor> model.critic=<the saved critic>`, both
-  critics from it), and the report gives the critics' explained variance as the run logs it.
+  (`asyppo.py --preset tiny-add2 model.actor=<this seed's base actor> model.critic=<the saved critic>
+  data.train_path=<this seed's train.jsonl>`, both critics from it), and the report gives the critics' explained
+  variance as the run logs it. The trainer no longer writes diagnostics.jsonl (the tokens the σ masks took most
+  often), so the report's table of where the masks fall is there only for results saved before.
 And two oracles that are fitted on the training responses' returns and tested on the others: the success rate by
 token position, and by position and whether a mistake was already made.
 """
@@ -49,7 +52,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClas
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import asyppo as A  # noqa: E402
+import make_tiny  # noqa: E402  the tiny task's problems and tokenizer, and its base models
 
 CRITICS = {  # name -> (its base, as below in main)
     "l1": "mini-critic, 1 layer (asyppo's)",
@@ -57,7 +62,7 @@ CRITICS = {  # name -> (its base, as below in main)
     "actor": "the actor's checkpoint (ppo's)",
 }
 RL_ITERATIONS = 300  # mistake-then-rl: the bench's run length (the actor's cosine lr follows it)
-FILES = ("metrics.jsonl", "diagnostics.jsonl")
+FILES = ("metrics.jsonl", "diagnostics.jsonl")  # the second: only from trainers older than tools/make_tiny.py
 RL_WINDOWS = [(0, 50), (50, 100), (100, 150), (150, 200), (175, 200), (250, 300)]  # critics' EV averaged over these
 THEN_RETURN_STEPS = 2000  # mistake-then-return: steps on the return after the mistake flag
 CHECKPOINTS = [
@@ -73,14 +78,14 @@ CHECKPOINTS = [
 def sample_responses(cfg, actor_path, n, seed):
     """n responses of the base actor, G per prompt, with the rollout's sampling settings: (prompt ids, response ids
     ending in <|im_end|> or cut at max_new_tokens, reward, mistake flag of each token)."""
-    tok = A.tiny_tokenizer()
+    tok = make_tiny.char_tokenizer()
     actor = AutoModelForCausalLM.from_pretrained(actor_path, dtype=torch.float32).eval()
     r, G = cfg.rollout, cfg.rollout.group_size
     rng = random.Random(f"probe-{seed}")
     torch.manual_seed(seed)
     rows = []
     while len(rows) < n:
-        problems = [A.tiny_problem("add2", rng) for _ in range(r.prompts_per_step)]
+        problems = [make_tiny.problem("add2", rng) for _ in range(r.prompts_per_step)]
         prompts = [tok.encode(q, add_special_tokens=False) for q, _, _ in problems for _ in range(G)]
         ids, attn = A.left_pad(prompts, tok.pad_token_id, "cpu")
         with torch.no_grad():
@@ -157,7 +162,7 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log, save=None):
     check a written sum, as a pretrained critic might bring), then THEN_RETURN_STEPS on the return, from a fresh
     optimizer; the curve is the second stage's. "mistake-then-rl": the mistake flag, then the critic is written to
     `save` (an HF directory, value head included) for run_rl; the curve is the flag's."""
-    tok, L, C = A.tiny_tokenizer(), cfg.rollout.max_new_tokens, cfg.critic
+    tok, L, C = make_tiny.char_tokenizer(), cfg.rollout.max_new_tokens, cfg.critic
     config = AutoConfig.from_pretrained(critic_path, num_labels=1)
     config.classifier_dropout = 0.0
     torch.manual_seed(seed)  # the value head's initialisation, as load_critic
@@ -168,7 +173,7 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log, save=None):
     )
     rng = random.Random(seed)
     for stage_target, stage_steps in stages:
-        opt, sched = A.make_optimizer(critic, C, stage_steps)
+        trainee = A.Trainee(critic, *A.make_optimizer(critic, C, stage_steps), mesh=None)  # no FSDP: no mesh
         test_tensors = batch_tensors(test, stage_target, tok.pad_token_id, L)
         curve, order, step = [], [], 0
         while step < stage_steps:
@@ -181,7 +186,7 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log, save=None):
                 values = A.critic_values(critic, input_ids[mb], attn[mb], L)
                 loss = A.value_loss(values, y[mb], mask[mb], cfg.algo.loss_agg)
                 (loss * len(mb) / len(idx)).backward()
-            A.clip_and_step(critic, opt, sched, C.max_grad_norm)
+            A.clip_and_step(trainee, C.max_grad_norm)
             step += 1
             if step in CHECKPOINTS or step == stage_steps:
                 curve.append((step, held_out_ev(critic, test_tensors, L)))
@@ -192,17 +197,31 @@ def probe(cfg, critic_path, train, test, target, steps, seed, log, save=None):
     return curve
 
 
-def run_rl(actor_path, critic_path, seed, steps, threads, out):
-    """The trainer on tiny-add2 from this seed's base actor, both critics from critic_path: its metrics.jsonl and
-    diagnostics.jsonl, each a list of dicts."""
+def run_rl(actor_path, critic_path, train_path, seed, steps, threads, out):
+    """The trainer on tiny-add2 from this seed's base actor and prompts, both critics from critic_path: its
+    metrics.jsonl and diagnostics.jsonl, each a list of dicts (diagnostics: [] where the trainer wrote none)."""
     metrics = out / "metrics.jsonl"
     if not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
         cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", "tiny-add2", f"seed={seed}"]
-        cmd += [f"max_steps={steps}", f"model.actor={actor_path}", f"model.critic={critic_path}", f"output_dir={out}"]
+        cmd += [f"max_steps={steps}", f"model.actor={actor_path}", f"model.critic={critic_path}"]
+        cmd += [f"data.train_path={train_path}", f"output_dir={out}"]
         print("  +", " ".join(cmd), flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads or os.cpu_count())}
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
-    return [[json.loads(line) for line in (out / f).read_text().splitlines()] for f in FILES]
+    return [
+        [json.loads(line) for line in (out / f).read_text().splitlines()] if (out / f).exists() else [] for f in FILES
+    ]
+
+
+def build_base(seed, out, threads, critic_layers=1):
+    """tools/make_tiny.py --task add2 --seed S (the tiny-add2 preset's base of that seed) into `out`: -> the paths of
+    its actor, its critic base and its train.jsonl."""
+    cmd = [sys.executable, "tools/make_tiny.py", "--task", "add2", "--seed", str(seed), "--out", str(out)]
+    cmd += ["--critic-layers", str(critic_layers)]
+    print("  +", " ".join(cmd), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads or os.cpu_count())}
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    return str(out / "actor"), str(out / "critic"), str(out / "train.jsonl")
 
 
 TOKEN_CLASSES = {  # for where the σ masks fall (diagnostics.jsonl): one character per token on the tiny tasks
@@ -226,6 +245,8 @@ def rl_summary(metrics, diagnostics):
         f"{a}-{b - 1}": mean(lambda k: k == "reward/mean", a, b)
         for a, b in [(0, 25), (len(metrics) - 25, len(metrics))]
     }
+    if not diagnostics:  # the trainer writes no diagnostics.jsonl any more
+        return dict(ev=ev, reward=reward, masks={})
     last, masks = diagnostics[-1], {}
     for kind, label in (("adv_masked", "advantage mask"), ("ent_filtered", "entropy filter")):
         for name, chars in TOKEN_CLASSES.items():
@@ -247,7 +268,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--responses", type=int, default=20480, help="sampled from the base actor; 80%% train, 20%% test")
     p.add_argument("--steps", type=int, default=16000, help="critic optimizer steps of 32 sequences")
-    p.add_argument("--lr", type=float, default=A.Config().critic.lr, help="critic lr (default: the trainer's)")
+    p.add_argument("--lr", type=float, default=None, help="critic lr (default: the tiny-add2 preset's)")
     p.add_argument("--critics", nargs="+", default=["l1", "actor"], choices=list(CRITICS))
     p.add_argument(
         "--targets",
@@ -259,6 +280,8 @@ def main():
     p.add_argument("--out", default=str(ROOT / "bench" / "critic_probe.md"), help="the report of every saved probe")
     p.add_argument("--runs", default=str(ROOT / "bench" / "runs" / "critic_probe"), help="one result file per seed")
     args = p.parse_args()
+    if args.lr is None:
+        args.lr = A.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny-add2"]).critic.lr
     if args.threads:
         torch.set_num_threads(args.threads)
     setting = {k: getattr(args, k) for k in ("responses", "steps", "lr", "critics", "targets")}
@@ -272,12 +295,10 @@ def main():
         cfg = A.parse_config(["--config", str(ROOT / "configs.yaml"), "--preset", "tiny-add2", f"seed={seed}"])
         cfg.critic.lr = args.lr
         work = Path(tempfile.mkdtemp(prefix=f"critic_probe_s{seed}_"))  # the base models and the saved critics
-        actor, critic1 = A.build_tiny_models(cfg, work / "layers1")
+        actor, critic1, train_path = build_base(seed, work / "layers1", args.threads)
         critic2 = None
         if "l2" in args.critics:  # the same actor again, and a 2-layer critic base
-            cfg.model.tiny_critic_layers = 2
-            critic2 = A.build_tiny_models(cfg, work / "layers2")[1]
-            cfg.model.tiny_critic_layers = 1
+            critic2 = build_base(seed, work / "layers2", args.threads, critic_layers=2)[1]
         rows = sample_responses(cfg, actor, args.responses, seed)
         train, test = rows[: len(rows) * 4 // 5], rows[len(rows) * 4 // 5 :]
         reward = sum(r[2] for r in rows) / len(rows)
@@ -299,7 +320,8 @@ def main():
                 print(f"  ({(time.time() - t0) / n * 1000:.1f} ms per step)", flush=True)
                 curves.append(dict(critic=CRITICS[key], target=target, curve=curve))
                 if save:
-                    logs = run_rl(actor, save, seed, RL_ITERATIONS, args.threads, runs / "rl" / f"{saved.stem}_{key}")
+                    rl_out = runs / "rl" / f"{saved.stem}_{key}"
+                    logs = run_rl(actor, save, train_path, seed, RL_ITERATIONS, args.threads, rl_out)
                     curves[-1]["rl"] = rl_summary(*logs)
                     print(f"  RL run: {curves[-1]['rl']}", flush=True)
         result = dict(setting=setting, seed=seed, reward=reward, oracles=oracles, curves=curves)
@@ -372,19 +394,20 @@ def write_report(runs, out):
             for seed, c in rl:
                 cells = [c["rl"]["ev"][w] for w in ev_cols] + [c["rl"]["reward"][w] for w in reward_cols]
                 lines.append(f"| {seed} | {c['critic']} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
-            mask_cols = list(rl[0][1]["rl"]["masks"])
-            lines += [
-                "",
-                "Where the σ masks fall in those runs: the share of each token class's occurrences that the advantage "
-                "mask (lowest σ) and the entropy filter (highest σ) took over the run, from the last line of "
-                "`diagnostics.jsonl` (among the 20 tokens it lists for each). Both take 20% of all tokens.",
-                "",
-                "| seed | critic | " + " | ".join(mask_cols) + " |",
-                "|---|---|" + "---|" * len(mask_cols),
-            ]
-            for seed, c in rl:
-                masks = c["rl"]["masks"]
-                lines.append(f"| {seed} | {c['critic']} | " + " | ".join(f"{masks[k]:.3f}" for k in mask_cols) + " |")
+            mask_cols = list(dict.fromkeys(k for _, c in rl for k in c["rl"]["masks"]))  # none without diagnostics
+            if mask_cols:
+                lines += [
+                    "",
+                    "Where the σ masks fall in those runs: the share of each token class's occurrences that the "
+                    "advantage mask (lowest σ) and the entropy filter (highest σ) took over the run, from the last "
+                    "line of `diagnostics.jsonl` (among the 20 tokens it lists for each). Both take 20% of all tokens.",
+                    "",
+                    "| seed | critic | " + " | ".join(mask_cols) + " |",
+                    "|---|---|" + "---|" * len(mask_cols),
+                ]
+            for seed, c in rl if mask_cols else []:
+                masks = [c["rl"]["masks"].get(k, math.nan) for k in mask_cols]
+                lines.append(f"| {seed} | {c['critic']} | " + " | ".join(f"{x:.3f}" for x in masks) + " |")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -4,14 +4,15 @@
     python bench/rehearsal_phases.py /tmp/rehearsal --engine hf [--checkout DIR] [--steps 4] [--max-new-tokens 128]
     python bench/rehearsal_phases.py --table RUN.json [RUN.json ...]      # runs side by side
 
-Runs `asyppo.py` of --checkout (default: this one; an older commit's worktree measures "before") under torchrun,
-split 1 actor rank + 1 critic rank, the qwen3-4b-base preset with only paths, sizes and device overridden as in
-test_rehearsal_paper_preset_*, but with a few more responses per prompt (--group-size), longer ones
-(--max-new-tokens) and questions of different lengths, so that the batch has prompt and response padding. No
-evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl time/*) averaged over the iterations after the
-first (warm-up), the per-phase peak memory (memory/*_gb: VmHWM on CPU, the max over ranks), the load average before
-and after, and writes OUT/run.json for --table. --dry-run also prints the memory plan of the same overrides
-(tools/plan_memory.py of the checkout; `asyppo.py --dry-run` at a checkout older than that tool).
+Runs `tools/with_cpu_memory.py` (asyppo.py with its memory/*_gb measured on CPU too) of --checkout (default: this
+one; an older commit's worktree measures "before": a checkout older than that tool runs its `asyppo.py`, which logged
+them on CPU itself) under torchrun, split 1 actor rank + 1 critic rank, the qwen3-4b-base preset with only paths,
+sizes and device overridden as in test_rehearsal_paper_preset_*, but with a few more responses per prompt
+(--group-size), longer ones (--max-new-tokens) and questions of different lengths, so that the batch has prompt and
+response padding. No evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl time/*) averaged over
+the iterations after the first (warm-up), the per-phase peak memory (memory/*_gb: VmHWM on CPU, the max over ranks),
+the load average before and after, and writes OUT/run.json for --table. --dry-run also prints the memory plan of the
+same overrides (tools/plan_memory.py of the checkout; `asyppo.py --dry-run` at a checkout older than that tool).
 Extra key=value arguments are passed on (e.g. rollout.sync_check_tol=1 for an older commit).
 --cpu-clock: the trainer's time.time() reads its process's CPU time (time.process_time, through a sitecustomize.py
 in the worker processes only), so time/* are CPU seconds per rank and phase: on a shared machine they move far less
@@ -123,6 +124,10 @@ def measure(args):
         )
         run["dry_run"] = p.stdout + p.stderr
         print(run["dry_run"])
+    # asyppo.py logs memory/*_gb on GPUs only; the wrapper adds them on CPU. An older checkout has no wrapper: its
+    # asyppo.py measured them itself
+    wrapper = Path(args.checkout) / "tools" / "with_cpu_memory.py"
+    run["script"] = script = "tools/with_cpu_memory.py" if wrapper.is_file() else "asyppo.py"
     run["load_before"], t0 = loadavg(), time.time()
     with open(out / "log.txt", "w") as log:
         p = subprocess.run(
@@ -133,7 +138,7 @@ def measure(args):
                 "--standalone",
                 "--nproc_per_node",
                 "2",
-                "asyppo.py",
+                script,
                 *argv,
             ],
             cwd=args.checkout,

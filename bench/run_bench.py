@@ -4,9 +4,13 @@
     python bench/run_bench.py                  # 4 methods x 2 tasks x 5 seeds; writes bench/results.md, curves.png
     python bench/run_bench.py --jobs 2         # two runs at a time, one thread each: about 2/3 of the wall time
 
-Every run is the real script (`python asyppo.py --config configs.yaml --preset P algo.name=V seed=S ...`). With
---jobs 1 the runs go one after another, so seconds per iteration compare side by side; with more jobs they share the
-machine and the seconds per iteration are not a speed comparison (bench/placement.py is).
+Every run is the real script on its seed's own base: `python tools/make_tiny.py --task T --seed S --out
+OUT/base_T_S` once per task and seed (data and base models; T = add for --preset tiny, add2 for tiny-add2), then
+`python tools/with_cpu_memory.py --config configs.yaml --preset P model.actor=OUT/base_T_S/actor
+model.critic=OUT/base_T_S/critic data.train_path=OUT/base_T_S/train.jsonl algo.name=V seed=S ...` (asyppo.py, with
+memory/peak_gb measured on CPU too: the process's peak RSS, VmHWM). With --jobs 1 the runs go one after another, so
+seconds per iteration compare side by side; with more jobs they share the machine and the seconds per iteration are
+not a speed comparison (bench/placement.py is).
 
 Per cell: the reward's 25-iteration moving average at the last iteration, and the first iteration at which that
 average reaches the task's threshold, as mean ± the half-width of a 95% confidence interval over seeds (Student's t,
@@ -18,6 +22,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,13 +52,39 @@ def mean_ci(xs):
 REUSED = []  # runs found finished in --out by an earlier invocation
 
 
-def run_one(preset, variant, seed, steps, out, threads):
+def task_of(preset):
+    """The make_tiny.py --task of a tiny preset: add2 for tiny-add2, add for tiny and tiny-split."""
+    return "add2" if preset.endswith("add2") else "add"
+
+
+def build_base(task, seed, base, threads):
+    """tools/make_tiny.py --task T --seed S into `base` (train.jsonl, actor/, critic/), once: an existing one is
+    reused. Written to a temporary directory first, so that a killed build leaves nothing that looks finished."""
+    if (base / "critic" / "config.json").exists():
+        return base
+    tmp = base.with_name(base.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "tools/make_tiny.py", "--task", task, "--seed", str(seed), "--out", str(tmp)]
+    print("+", " ".join(cmd), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    tmp.rename(base)
+    return base
+
+
+def base_overrides(base):
+    """The overrides that point a tiny preset at a make_tiny.py directory."""
+    return [f"model.actor={base / 'actor'}", f"model.critic={base / 'critic'}", f"data.train_path={base}/train.jsonl"]
+
+
+def run_one(preset, variant, seed, steps, out, threads, base):
     metrics = out / "metrics.jsonl"
     if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:  # finished runs are reused
         REUSED.append(out)
-    else:
-        cmd = [sys.executable, "asyppo.py", "--config", "configs.yaml", "--preset", preset, f"algo.name={variant}"]
-        cmd += [f"seed={seed}", f"max_steps={steps}", f"output_dir={out}"]
+    else:  # asyppo.py, with memory/peak_gb on CPU too
+        cmd = [sys.executable, "tools/with_cpu_memory.py", "--config", "configs.yaml", "--preset", preset]
+        cmd += base_overrides(base) + [f"algo.name={variant}", f"seed={seed}", f"max_steps={steps}"]
+        cmd += [f"output_dir={out}"]
         print("+", " ".join(cmd), flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
@@ -72,13 +103,14 @@ def critic_ev(metrics, first=175, last=200):
 def summarise(runs, threshold):
     """runs: {seed: metrics list} -> the table's numbers for one task x method."""
     curves = {s: moving_average([x["reward/mean"] for x in m]) for s, m in runs.items()}
+    w = min([WINDOW] + [len(c) for c in curves.values()]) - 1  # the first full window's end (earlier: a short run's)
     reach = {
         s: next((i for i, a in enumerate(c) if i >= WINDOW - 1 and a >= threshold), None) for s, c in curves.items()
     }
     return {
-        "start": mean_ci([c[WINDOW - 1] for c in curves.values()]),
+        "start": mean_ci([c[w] for c in curves.values()]),
         "final": mean_ci([c[-1] for c in curves.values()]),
-        "best": mean_ci([max(c[WINDOW - 1 :]) for c in curves.values()]),
+        "best": mean_ci([max(c[w:]) for c in curves.values()]),
         "reach": mean_ci([r for r in reach.values() if r is not None]),
         "reached": sum(r is not None for r in reach.values()),
         "s_per_it": statistics.mean(statistics.median(x["time/iteration_s"] for x in m) for m in runs.values()),
@@ -110,9 +142,17 @@ def main():
     variants, tasks, seeds = args.variants.split(","), args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     cells = [(t, v, s) for t in tasks for v in variants for s in seeds]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # the bases first, each once per task and seed
+        keys = {(task_of(t), s) for t in tasks for s in seeds}
+        built = {k: pool.submit(build_base, *k, out / f"base_{k[0]}_{k[1]}", threads) for k in sorted(keys)}
+        bases = {k: f.result() for k, f in built.items()}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            c: pool.submit(run_one, *c, args.steps, Path(args.out) / c[0] / c[1] / f"seed{c[2]}", threads)
+            c: pool.submit(
+                run_one, *c, args.steps, out / c[0] / c[1] / f"seed{c[2]}", threads, bases[task_of(c[0]), c[2]]
+            )
             for c in cells
         }
     results = {t: {v: {s: futures[(t, v, s)].result() for s in seeds} for v in variants} for t in tasks}

@@ -100,10 +100,10 @@ def write_prompts(path, n=8):
             )
 
 
-def start(name, args, out_dir, script="asyppo.py"):
-    """Start `script` (asyppo.py or a tool, relative to the repository root) with `args`, its output going to
-    OUT/<name>.log."""
-    cmd = [sys.executable, str(ROOT / script), *args]
+def start(name, args, out_dir, script="tools/with_cpu_memory.py"):
+    """Start `script` (the trainer, through the wrapper that adds memory metrics on CPU, or a tool) with the tiny
+    preset and `args` on top of it, its output going to OUT/<name>.log."""
+    cmd = [sys.executable, str(ROOT / script), "--config", "configs.yaml", "--preset", "tiny", *args]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     log = open(out_dir / f"{name}.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -180,15 +180,19 @@ def main():
 
     # ---- part 1: the tiny preset on the GPU, bf16 ----------------------------------------------------------------
     if 1 in parts:
-        name, run_dir = "part1_tiny", out / "tiny"
+        name, run_dir, base = "part1_tiny", out / "tiny", out / "tiny_base"
+        warm = ["--warm-start-steps", "5"] if args.cpu_smoke else []
+        cmd = [sys.executable, "tools/make_tiny.py", "--out", str(base), "--prompts", "5000", *warm]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         overrides = [
+            f"model.actor={base / 'actor'}",
+            f"model.critic={base / 'critic'}",
+            f"data.train_path={base / 'train.jsonl'}",
             f"device={device}",
             f"model.param_dtype={dtype}",
             f"max_steps={args.tiny_steps}",
             f"output_dir={run_dir}",
         ]
-        if args.cpu_smoke:
-            overrides += ["model.tiny_warm_start_steps=5"]
         ok, text, secs = finish(start(name, overrides, out), args.timeout)
         metrics = metrics_of(run_dir)
         ok = ok and len(metrics) == args.tiny_steps
@@ -218,7 +222,6 @@ def main():
             "model.grad_checkpointing=true",
             f"model.actor={model_dir}",
             f"model.critic={critic}",
-            "data.task=jsonl",
             f"data.train_path={data}",
             "rollout.engine=hf",
             "rollout.prompts_per_step=2",
