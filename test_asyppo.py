@@ -1462,19 +1462,20 @@ def moving_average(xs, w=WINDOW):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_learning_reward_rises(tmp_path, engine):
-    """The quick start (`python asyppo.py`: 300 iterations) learns, and stays learnt, on any CPU. Floating-point results
+    """The quick start (the tiny preset: 300 iterations) learns, and stays learnt, on any CPU. Floating-point results
     differ between CPU types from iteration 0 (ENV_NOTES §9; ATEN_CPU_CAPABILITY=default/avx2/avx512 shows it on one
     machine), so no single seed's curve is asserted. Over several seeds: each seed's mean reward over its last 50
     iterations beats its first 25 by MIN_RISE, the mean of the last windows reaches MIN_LAST, and no seed's
     25-iteration average falls more than MAX_FALL below its best so far (at a constant lr two of seeds 1-5 fell by
-    0.39 and 0.47 after reaching 0.97). Measured (first 25 -> last 50; largest fall), seeds 1 / 2 / 3, one thread:
-      native (avx512)  0.565 -> 0.981, 0.001; 0.643 -> 0.994, 0.003; 0.583 -> 0.971, 0.005
-      avx2             0.575 -> 0.972, 0.002; 0.642 -> 0.990, 0.002; 0.558 -> 0.987, 0.002
-      default          0.565 -> 0.960, 0.004; 0.611 -> 0.991, 0.002; 0.605 -> 0.988, 0.006
-    smallest rise 0.35, smallest last window 0.960, largest fall 0.006: the margins leave 0.15 of the rise, 0.06 of
-    the level and 16 times the fall to other CPUs. The vLLM tier (seed 1, native floats, one thread):
-      0.554 -> 0.977, 0.002. The seeds run at the same time, one thread each (the thread count does not change the
-    floats). Every iteration's weight sync checks out, and with vLLM its sampler's log-probs match the trainer's."""
+    0.39 and 0.47 after reaching 0.97). Measured with bench/learning.py at 3069e62 (first 25 -> last 50; largest fall),
+    seeds 1 / 2 / 3, one thread:
+      native (avx512)  0.555 -> 0.965, 0.002; 0.621 -> 0.986, 0.007; 0.573 -> 0.972, 0.003
+      avx2             0.551 -> 0.978, 0.003; 0.622 -> 0.990, 0.004; 0.572 -> 0.968, 0.002
+      default          0.559 -> 0.980, 0.002; 0.616 -> 0.990, 0.003; 0.574 -> 0.970, 0.002
+    smallest rise 0.37, smallest last window 0.965, largest fall 0.007: the margins leave 0.17 of the rise, 0.065 of
+    the level and 14 times the fall to other CPUs. The seeds run at the same time, one thread each (the thread count
+    does not change the floats). Every iteration's weight sync checks out, and with vLLM its sampler's log-probs
+    match the trainer's."""
     first, last, fall, procs = [], [], [], []
     try:
         for seed in LEARNING_SEEDS[engine]:
@@ -1484,7 +1485,7 @@ def test_learning_reward_rises(tmp_path, engine):
                 *TINY,
                 *tiny_data(seed),
                 f"seed={seed}",
-                f"output_dir={tmp_path / seed}",
+                f"output_dir={tmp_path / str(seed)}",
             ]
             log = open(tmp_path / f"{seed}.log", "w")
             procs.append(
