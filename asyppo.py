@@ -1246,7 +1246,8 @@ class VLLMEngine(RolloutEngine):
             model=path, dtype=cfg.model.param_dtype, tensor_parallel_size=r.tensor_parallel_size,
             distributed_executor_backend="external_launcher",  # this process is vLLM's worker
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda,  # CPU: no sleep allocator
-            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens, trust_remote_code=cfg.model.trust_remote_code,
+            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens + 1,  # +1: scoring a full probe asks one more
+            trust_remote_code=cfg.model.trust_remote_code,
             logprobs_mode="processed_logprobs",  # after temperature, top-k and top-p: what was sampled from
             enable_flashinfer_autotune=False,  # its collectives span the world, which the critic ranks never join
             enforce_eager=not cuda,

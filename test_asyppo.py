@@ -1569,6 +1569,8 @@ for state in ("awake", "asleep", "weights", "awake again"):
         seen[state + ": vllm sleeping"] = engine.llm.llm_engine.is_sleeping()
 out["states"] = seen
 out["seeds 0, 0, 1"] = [engine.generate([prompt, prompt], 8, seed=s)[0] for s in (0, 0, 1)]
+longest = ([5] * cfg.data.max_prompt_tokens, [6] * cfg.rollout.max_new_tokens)  # a full prompt, a full response
+out["longest scored"] = len(engine.score([longest])[0])  # the probe may hold one: vLLM must score it
 print("RESULT", json.dumps(out))
 """
 
@@ -1601,6 +1603,7 @@ def test_engine_refuses_work_while_asleep(tmp_path, engine, tiny_base):
     if engine == "vllm":
         sleeping = [seen[f"{s}: vllm sleeping"] for s in ("awake", "asleep", "weights", "awake again")]
         assert sleeping == [False, True, True, False]
+    assert res["longest scored"] == 8  # a probe sequence of max_prompt_tokens + max_new_tokens is scored
     same_seed, again, other_seed = res["seeds 0, 0, 1"]
     assert same_seed[:8] != same_seed[8:]  # the copies differ
     assert same_seed == again and same_seed != other_seed  # and sampling is still a function of the seed
