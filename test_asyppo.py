@@ -1467,7 +1467,7 @@ def test_learning_reward_rises(tmp_path, engine):
     machine), so no single seed's curve is asserted. Over several seeds: each seed's mean reward over its last 50
     iterations beats its first 25 by MIN_RISE, the mean of the last windows reaches MIN_LAST, and no seed's
     25-iteration average falls more than MAX_FALL below its best so far (at a constant lr two of seeds 1-5 fell by
-    0.39 and 0.47 after reaching 0.97). Measured with bench/learning.py at 3069e62 (first 25 -> last 50; largest fall),
+    0.39 and 0.47 after reaching 0.97). Measured with bench/learning.py at d7b0f93 (first 25 -> last 50; largest fall),
     seeds 1 / 2 / 3, one thread:
       native (avx512)  0.555 -> 0.965, 0.002; 0.621 -> 0.986, 0.007; 0.573 -> 0.972, 0.003
       avx2             0.551 -> 0.978, 0.003; 0.622 -> 0.990, 0.004; 0.572 -> 0.968, 0.002
