@@ -1925,7 +1925,10 @@ def say(line):
 def resume(cfg, ckpt_dir, held, engine, log):
     """-> (first iteration, weight-sync probe or None), from the checkpoint resume= names (auto: the latest one).
     Rank 0 picks it: ranks with other views of the disk would load different steps and hang."""
-    pick = lambda: latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None  # noqa: E731
+
+    def pick():
+        return latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+
     path = on_rank0(pick, "resume")
     if not path:
         return 0, None
@@ -2040,7 +2043,10 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, group):
 
 def describe_run(cfg, layout, sizes, held, log):
     """What each rank holds, then the batch arithmetic (rank 0)."""
-    parameters = lambda model, local: sum(p.to_local().numel() if local else p.numel() for p in model.parameters())  # noqa: E731
+
+    def parameters(model, local):  # DTensor numel: the full size; to_local(): this rank's part
+        return sum(p.to_local().numel() if local else p.numel() for p in model.parameters())
+
     say(f"[rank {dist.get_rank()}] holds " + "; ".join(
         f"{name} {parameters(t.model, False):,} params, {parameters(t.model, True):,} here" for name, t in held.items()
     ))  # fmt: skip
