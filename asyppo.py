@@ -73,11 +73,6 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
     GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 
@@ -276,21 +271,21 @@ class RolloutConfig:
     top_p: float = 0.99
     top_k: int = 100
     tensor_parallel_size: int = 1  # vllm: consecutive ranks that share one engine
-    gpu_memory_utilization: float = 0.4  # vllm: the engine's share of the GPU (it sleeps while the trainer runs)
+    gpu_memory_utilization: float = 0.6  # vllm: its share of the GPU, KV cache included (asleep while training);
+    #                                     tools/plan_memory.py: the share that fills 90% of the GPU in the rollout phase
     gpu_memory_gb: float = 80.0  # tools/plan_memory.py: memory of one GPU, for the plan's verdict
     sync_check_tol: float = 0.0  # max mean |Δ log-prob| of engine vs trainer on the probe; 0: 1e-3 (fp32), 0.1 (bf16)
+    sync_check_margin: float = 2.0  # or this many times the first check's gap (same weights: the kernels' own), if more
     probe_size: int = 8  # sequences of the first rollout that are re-scored after every weight sync
+
+
+EVAL_SETS = "math500 olympiadbench minerva_math amc23 aime24 aime25".split()  # the paper's six benchmarks
 
 
 @dataclass
 class EvalConfig:
     steps: int = 50  # evaluate every N iterations and after the last one (0: never)
-    sets: list = field(
-        default_factory=lambda: [
-            f"data/eval/{name}.jsonl"
-            for name in ("math500", "olympiadbench", "minerva_math", "amc23", "aime24", "aime25")
-        ]
-    )  # jsonl files, each set named after its file
+    sets: list = field(default_factory=lambda: [f"data/eval/{n}.jsonl" for n in EVAL_SETS])  # named after the file
     prompt_key: str = "problem"
     answer_key: str = "answer"
     k: int = 4  # samples per problem: avg@k = mean accuracy over the k samples of every problem
@@ -312,9 +307,7 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warm-up of the learning rate, in optimizer steps
     lr_decay: str = "constant"  # after the warm-up: constant | cosine (down to min_lr_ratio x lr at max_steps)
     min_lr_ratio: float = 0.1  # cosine: the last iteration's learning rate, as a fraction of lr
-    sequences_per_step: int = (
-        2048  # sequences per optimizer step, over all ranks (critics: within their own Eq. 1 share)
-    )
+    sequences_per_step: int = 2048  # per optimizer step, over all ranks (critics: within their own Eq. 1 share)
     micro_batch_size: int = 1  # at most this many sequences per forward/backward on one rank (gradient accumulation)
     forward_micro_batch_size: int = 1  # sequences per no-grad forward on one rank (values, π_old)
     max_grad_norm: float = 1.0
@@ -350,59 +343,35 @@ class Config:
     )
 
 
-CHOICES = {
-    "model.param_dtype": {"float32", "bfloat16"},
-    "algo.name": {"asyppo", "ppo", "ppo_small", "grpo"},
-    "data.template": {"raw", "auto"},
-    "rollout.engine": {"hf", "vllm"},
-    "algo.value_agg": {"mean", "min"},
-    "device": {"auto", "cpu", "cuda"},
-    "algo.loss_agg": {"seq-mean-token-mean", "token-mean"},
-    "placement": {"colocated", "split"},
-    "actor.lr_decay": {"constant", "cosine"},
-    "critic.lr_decay": {"constant", "cosine"},
-}
+CHOICES = {  # key -> its allowed values
+    "algo.name": "asyppo ppo ppo_small grpo", "algo.value_agg": "mean min", "rollout.engine": "hf vllm",
+    "algo.loss_agg": "seq-mean-token-mean token-mean", "model.param_dtype": "float32 bfloat16",
+    "data.template": "raw auto", "placement": "colocated split", "device": "auto cpu cuda",
+    "actor.lr_decay": "constant cosine", "critic.lr_decay": "constant cosine",
+}  # fmt: skip
 RULES = [  # (keys, test, what a broken rule says): checked before anything is loaded
-    (
-        """max_steps keep_checkpoints rollout.prompts_per_step rollout.group_size rollout.max_new_tokens
-        rollout.probe_size rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs actor.sequences_per_step
+    ("""max_steps keep_checkpoints rollout.prompts_per_step rollout.group_size rollout.max_new_tokens rollout.probe_size
+        rollout.tensor_parallel_size data.max_prompt_tokens algo.ppo_epochs actor.sequences_per_step
         actor.micro_batch_size critic.sequences_per_step critic.micro_batch_size actor.forward_micro_batch_size
-        critic.forward_micro_batch_size eval.k reward.workers actor_ranks dist_timeout_min""",
-        lambda v: v >= 1,
-        "must be >= 1",
-    ),
-    (
-        """save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
+        critic.forward_micro_batch_size eval.k reward.workers actor_ranks dist_timeout_min""", lambda v: v >= 1,
+     "must be >= 1"),
+    ("""save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
         critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef rollout.sync_check_tol""",
-        lambda v: v >= 0,
-        "must be >= 0",
-    ),
-    (
-        """actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature
-        algo.clip_eps reward.timeout_s rollout.gpu_memory_gb""",
-        lambda v: v > 0,
-        "must be > 0",
-    ),
+     lambda v: v >= 0, "must be >= 0"),
+    ("""actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature algo.clip_eps
+        reward.timeout_s rollout.gpu_memory_gb rollout.sync_check_margin""", lambda v: v > 0, "must be > 0"),
     ("algo.adv_mask_frac algo.ent_filter_frac", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("rollout.top_p eval.top_p rollout.gpu_memory_utilization", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("algo.gamma algo.lam actor.min_lr_ratio critic.min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("rollout.top_k", lambda v: v >= 1 or v == -1, "must be >= 1 (or -1: no top-k)"),
-]
+]  # fmt: skip
 TRACKERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # report_to item -> the module it imports
-
-
-def get_config_value(cfg, key):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def set_config_value(cfg, key, value):
     """Set dotted `key` (e.g. "algo.clip_eps") to `value`, type-checked against the default. Exits with one line."""
     *parents, leaf = key.split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p, None)
+    obj = functools.reduce(lambda o, p: getattr(o, p, None), parents, cfg)
     if obj is None or not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
         sys.exit(f"config: unknown key '{key}'")
     old = getattr(obj, leaf)
@@ -415,8 +384,8 @@ def set_config_value(cfg, key, value):
             pass
     if type(value) is not type(old):
         sys.exit(f"config: '{key}' must be {type(old).__name__}, got {type(value).__name__} {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        sys.exit(f"config: '{key}' must be one of {sorted(CHOICES[key])}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key].split():
+        sys.exit(f"config: '{key}' must be one of {sorted(CHOICES[key].split())}, got {value!r}")
     setattr(obj, leaf, value)
 
 
@@ -426,21 +395,17 @@ def parse_config(argv):
     parser.add_argument("--config", help="YAML file of named presets (configs.yaml)")
     parser.add_argument("--preset", help="preset name in --config (default: the file's `default`)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. algo.clip_eps=0.1")
-    args = parser.parse_args(argv)
-    cfg = Config()
-    if args.config:
-        for key, value in read_preset(args.config, args.preset):
-            set_config_value(cfg, key, value)
-    elif args.preset:
+    args, cfg = parser.parse_args(argv), Config()
+    if args.preset and not args.config:
         sys.exit("config: --preset needs --config FILE")
+    for key, value in read_preset(args.config, args.preset) if args.config else []:
+        set_config_value(cfg, key, value)
     for kv in args.overrides:
         key, eq, value = kv.partition("=")
         if not eq:
             sys.exit(f"config: override '{kv}' is not key=value")
         set_config_value(cfg, key, yaml.safe_load(value))
-    apply_method(cfg)
-    validate_config(cfg)
-    return cfg
+    return validate_config(apply_method(cfg))
 
 
 def read_preset(path, name):
@@ -454,54 +419,47 @@ def read_preset(path, name):
         sys.exit(f"config: {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}: {e.problem or e}")
     if not isinstance(presets, dict) or not isinstance(presets.get("presets"), dict):
         sys.exit(f"config: {path} has no 'presets:' mapping (preset name -> its keys)")
-    name, named = name or presets.get("default"), bool(name)
-    if name is None:
+    if (name or presets.get("default")) is None:
         sys.exit(f"config: {path} has no 'default:' preset; name one with --preset")
-    if name not in presets["presets"]:
-        which = "preset" if named else "default: preset"
-        sys.exit(f"config: {which} '{name}' not in {path} (have: {', '.join(presets['presets'])})")
+    if (name or presets["default"]) not in presets["presets"]:
+        which = f"preset '{name}'" if name else f"default: preset '{presets['default']}'"
+        sys.exit(f"config: {which} not in {path} (have: {', '.join(presets['presets'])})")
 
     def flat(d, prefix=""):
         for k, v in d.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
     def items(name):
-        preset = presets["presets"].get(name)
+        preset = presets["presets"][name]
         if not isinstance(preset, (dict, type(None))):
             sys.exit(f"config: preset '{name}' in {path} must be a mapping of keys, got {preset!r}")
-        preset = dict(preset or {})
-        inherit = preset.pop("inherit", None)
+        inherit = (preset := dict(preset or {})).pop("inherit", None)
         if inherit is not None and (not isinstance(inherit, str) or inherit not in presets["presets"]):
             sys.exit(f"config: preset '{name}' in {path} inherits {inherit!r}, which is not a preset there")
         return (items(inherit) if inherit else []) + list(flat(preset))
 
-    return items(name)
+    return items(name or presets["default"])
 
 
 def validate_config(cfg):
-    """RULES and the rules between keys; a broken one stops with one line naming the key."""
+    """RULES and the rules between keys; a broken one stops with one line naming the key. -> cfg"""
 
     def need(key, ok, rule):
         if not ok:
-            sys.exit(f"config: '{key}' {rule}, got {get_config_value(cfg, key)!r}")
+            sys.exit(f"config: '{key}' {rule}, got {functools.reduce(getattr, key.split('.'), cfg)!r}")
 
     for keys, test, rule in RULES:
         for key in keys.split():
-            need(key, test(get_config_value(cfg, key)), rule)
-    a = cfg.algo
+            need(key, test(functools.reduce(getattr, key.split("."), cfg)), rule)
+    a, G = cfg.algo, cfg.rollout.group_size
     need("report_to", all(str(name) in TRACKERS for name in cfg.report_to), f"items must be in {sorted(TRACKERS)}")
     need("algo.ent_filter_frac", a.adv_mask_frac + a.ent_filter_frac <= 1, "plus algo.adv_mask_frac must be <= 1")
     need("algo.num_critics", a.num_critics >= 1 or a.name == "grpo", f"must be >= 1 for algo.name={a.name}")
-    need(
-        "rollout.group_size",
-        a.num_critics == 0 or cfg.rollout.group_size % a.num_critics == 0,
-        f"must be divisible by algo.num_critics={a.num_critics} (each critic gets G/M responses of every prompt)",
-    )
-    need(
-        "model.critic_paths",
-        len(cfg.model.critic_paths) in (0, a.num_critics),
-        f"must hold algo.num_critics={a.num_critics} paths (or none)",
-    )
+    need("rollout.group_size", a.num_critics == 0 or G % a.num_critics == 0,
+         f"must be divisible by algo.num_critics={a.num_critics} (each critic: G/M of every group)")  # fmt: skip
+    need("model.critic_paths", len(cfg.model.critic_paths) in (0, a.num_critics),
+         f"must hold algo.num_critics={a.num_critics} paths (or none)")  # fmt: skip
+    return cfg
 
 
 def apply_method(cfg):
@@ -536,29 +494,21 @@ class Layout:
 def make_layout(cfg, world):
     """-> Layout; ValueError where the world size does not fit the placement.
     Example: split, actor_ranks 8, world 16, M 2 -> actor [0..7], critic 0 on [8..11], critic 1 on [12..15]."""
-    M, A = cfg.algo.num_critics, cfg.actor_ranks
+    M, A, K = cfg.algo.num_critics, cfg.actor_ranks, world - cfg.actor_ranks
     if cfg.placement == "colocated":
         return Layout(world, list(range(world)), [list(range(world))] * M)
-    K = world - A
     if M == 0:
-        raise ValueError(
-            f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): use placement=colocated"
-        )
+        raise ValueError(f"placement=split needs critics to place (algo.name={cfg.algo.name} has none): use colocated")
     if K < 1:
-        raise ValueError(
-            f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: the critics need "
-            f"ranks of their own (the paper's layout: actor_ranks=8 on 16 GPUs, 16 on 32 for the 14B actor)"
-        )
+        raise ValueError(f"placement=split with actor_ranks={A} needs more than {A} ranks, got a world of {world}: "
+                         f"the critics need ranks of their own (the paper: actor_ranks=8 on 16 GPUs)")  # fmt: skip
     if K % M and M % K:
-        raise ValueError(
-            f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: "
-            f"{K} must be a multiple or a divisor of algo.num_critics={M} (world size {world})"
-        )
-    critic_ranks = list(range(A, world))
+        raise ValueError(f"placement=split puts the {M} critics on the {K} rank(s) after actor_ranks={A}: "
+                         f"{K} must be a multiple or a divisor of algo.num_critics={M} (world {world})")  # fmt: skip
     if K >= M:  # AsyPPO: each critic on K/M ranks of its own
-        critics = [critic_ranks[m * (K // M) : (m + 1) * (K // M)] for m in range(M)]
+        critics = [list(range(A + m * (K // M), A + (m + 1) * (K // M))) for m in range(M)]
     else:  # AsyPPO: M/K consecutive critics on each critic rank, trained one after another there
-        critics = [[critic_ranks[m // (M // K)]] for m in range(M)]
+        critics = [[A + m // (M // K)] for m in range(M)]
     return Layout(world, list(range(A)), critics)
 
 
@@ -570,69 +520,40 @@ class Sizes:
     critic_dp: int  # ranks each critic's FSDP2 spans
     n_global: int  # N = B * G sequences per iteration
     n_local: int  # sequences rolled out and trained on by one actor rank
-    prompts_local: int
     actor_steps: int  # actor optimizer steps per PPO epoch
-    actor_micro_steps: int  # micro-batches per actor optimizer step on one rank
     critic_steps: int  # optimizer steps per critic per iteration
-    critic_micro_steps: int
     actor_micro: int  # sequences per actor forward/backward on one rank
     critic_micro: int
+    actor_micro_steps: int  # micro-batches per actor optimizer step on one rank
+    critic_micro_steps: int
 
 
 def derive_sizes(cfg, layout):
     """Check that the batch arithmetic divides over the layout's ranks; ValueError naming the keys where it does not."""
-    B, G, M, tp = (
-        cfg.rollout.prompts_per_step,
-        cfg.rollout.group_size,
-        cfg.algo.num_critics,
-        cfg.rollout.tensor_parallel_size,
-    )
-    a_dp, c_dp = len(layout.actor), len(layout.critics[0]) if M else 1
-
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(msg)
-
-    need(a_dp % tp == 0, f"rollout.tensor_parallel_size ({tp}) must divide the {a_dp} actor rank(s)")
-    need(
-        cfg.rollout.engine != "vllm" or layout.world % tp == 0,
-        f"rollout.tensor_parallel_size ({tp}) must divide the world size ({layout.world}) with rollout.engine=vllm: "
-        f"vLLM makes its tensor-parallel groups over every rank, the critics' too",
-    )
-    need(B % a_dp == 0, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)")
-    N = B * G
+    B, tp, M = cfg.rollout.prompts_per_step, cfg.rollout.tensor_parallel_size, cfg.algo.num_critics
+    a_dp, c_dp, N = len(layout.actor), len(layout.critics[0]) if M else 1, B * cfg.rollout.group_size
+    problems = [
+        (a_dp % tp, f"rollout.tensor_parallel_size ({tp}) must divide the {a_dp} actor rank(s)"),
+        (cfg.rollout.engine == "vllm" and layout.world % tp, f"rollout.tensor_parallel_size ({tp}) must divide the "
+         f"world size ({layout.world}) with rollout.engine=vllm: its tensor-parallel groups span every rank"),
+        (B % a_dp, f"rollout.prompts_per_step ({B}) must be divisible by the {a_dp} actor rank(s)"),
+    ]  # fmt: skip
     for name, o, pool, dp in (("actor", cfg.actor, N, a_dp), ("critic", cfg.critic, N // max(M, 1), c_dp)):
-        per_rank = o.sequences_per_step // dp
-        need(
-            pool % o.sequences_per_step == 0,
-            f"{name}.sequences_per_step ({o.sequences_per_step}) must divide the {pool} sequences it trains on "
-            f"per iteration",
-        )
-        need(
-            o.sequences_per_step % dp == 0,
-            f"{name}.sequences_per_step ({o.sequences_per_step}) must be divisible by the {dp} rank(s) it is spread "
-            f"over",
-        )
-        need(
-            per_rank % min(o.micro_batch_size, per_rank) == 0,
-            f"{name}.micro_batch_size ({o.micro_batch_size}) must divide {name}.sequences_per_step / ranks = "
-            f"{per_rank}",
-        )
-    a_micro = min(cfg.actor.micro_batch_size, cfg.actor.sequences_per_step // a_dp)  # at most one step's share
-    c_micro = min(cfg.critic.micro_batch_size, cfg.critic.sequences_per_step // c_dp)
-    return Sizes(
-        actor_dp=a_dp,
-        critic_dp=c_dp,
-        n_global=N,
-        n_local=N // a_dp,
-        prompts_local=B // a_dp,
-        actor_steps=N // cfg.actor.sequences_per_step,
-        actor_micro_steps=cfg.actor.sequences_per_step // a_dp // a_micro,
-        actor_micro=a_micro,
-        critic_steps=N // max(M, 1) // cfg.critic.sequences_per_step,
-        critic_micro_steps=cfg.critic.sequences_per_step // c_dp // c_micro,
-        critic_micro=c_micro,
-    )
+        n, per_rank = o.sequences_per_step, max(1, o.sequences_per_step // dp)  # 0: the check before fails
+        problems += [
+            (pool % n, f"{name}.sequences_per_step ({n}) must divide the {pool} sequences it trains on per iteration"),
+            (n % dp, f"{name}.sequences_per_step ({n}) must be divisible by the {dp} rank(s) it is spread over"),
+            (per_rank % min(o.micro_batch_size, per_rank), f"{name}.micro_batch_size ({o.micro_batch_size}) must "
+             f"divide {name}.sequences_per_step / ranks = {per_rank}"),
+        ]  # fmt: skip
+    for broken, message in problems:
+        if broken:
+            raise ValueError(message)
+    sa, sc = cfg.actor.sequences_per_step, cfg.critic.sequences_per_step
+    a_micro, c_micro = min(cfg.actor.micro_batch_size, sa // a_dp), min(cfg.critic.micro_batch_size, sc // c_dp)
+    return Sizes(actor_dp=a_dp, critic_dp=c_dp, n_global=N, n_local=N // a_dp, actor_micro=a_micro,
+                 critic_micro=c_micro, actor_steps=N // sa, critic_steps=N // max(M, 1) // sc,
+                 actor_micro_steps=sa // a_dp // a_micro, critic_micro_steps=sc // c_dp // c_micro)  # fmt: skip
 
 
 def layout_and_sizes(cfg, world):
@@ -653,7 +574,7 @@ def describe(layout):
     for m, ranks in enumerate(layout.critics):
         held.setdefault(tuple(ranks), []).append(str(m))
     return "; ".join(
-        [f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(ms)}" for r, ms in held.items()]
+        [f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(m)}" for r, m in held.items()]
     )
 
 
@@ -675,13 +596,14 @@ def main(argv=None):
     held = {"actor": actor} if actor else {}  # what a checkpoint holds: this rank's models
     held |= {f"critic{m}": c for m, c in critics.items()}
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    start_step, probe = resume(cfg, ckpt_dir, held, engine, log)
+    start_step, sync_ref = resume(cfg, ckpt_dir, held, engine, log)  # the weight-sync check's probe and baseline
     describe_run(cfg, layout, sizes, held, log)
     logger = MetricsLog(cfg, start_step)  # rank 0 writes metrics.jsonl, samples.jsonl, and to report_to
     ar = layout.actor.index(rank) if is_actor else None  # this rank's place among the actor ranks
     mine = slice(ar * sizes.n_local, (ar + 1) * sizes.n_local) if is_actor else None  # its rows of the batch
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: Eq. 1, which critic trains on each sequence, [N]
     sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
+    check = dict(engine=engine, actor=actor and actor.model, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device)
     stop_signal = stop_on_signals()  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit
     step, metrics, stopped = start_step, {}, False
     try:
@@ -695,10 +617,9 @@ def main(argv=None):
                 prompts, answers = prompt_batch(cfg, dataset, step, ar, sizes.actor_dp)
                 responses, sampler_logp = engine.generate(prompts, G, seed)  # grouped: G consecutive rows per prompt
                 prompts, answers = [p for p in prompts for _ in range(G)], [x for x in answers for _ in range(G)]
-                if step == start_step:  # the weight-sync check's probe: the first sequences of the first rollout
-                    probe = probe or list(zip(prompts[: cfg.rollout.probe_size], responses))
-                    check_weight_sync(
-                        engine, actor.model, probe, tol=sync_tol, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device
+                if step == start_step:  # the sync check's probe: the first sequences of the first rollout
+                    sync_ref, sync_limit = first_sync_check(
+                        sync_ref, list(zip(prompts, responses)), sync_tol, log, check
                     )
                 engine.sleep()  # the engine hands its GPU memory to training until the next sync
                 metrics["time/rollout_s"] = time.time() - t_start
@@ -716,13 +637,12 @@ def main(argv=None):
             t0 = time.time()
             if is_actor:  # first: in split the critics' ranks value the batch meanwhile
                 old_logp = pi_old(actor.model, input_ids[mine], attn[mine], mask.shape[1], cfg)
+            if is_actor and sampler_logp is not None:  # vLLM's own log-probs of what it sampled vs the trainer's
                 engine_logp = torch.tensor(
                     [lp + [0.0] * (mask.shape[1] - len(lp)) for lp in sampler_logp], device=device
                 )
                 metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[mine]))
-            values = all_critic_values(
-                critics, layout, batch, cfg.critic.forward_micro_batch_size, M
-            )  # AsyPPO: [M, N, L]
+            values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO
             metrics["time/values_s"] = time.time() - t0
             phase_memory(metrics, "values", device)
             # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same ====================
@@ -736,19 +656,9 @@ def main(argv=None):
             # ======== 6. actor update (actor ranks) ∥ 7. each critic on its own shard (critics' ranks) ===============
             if is_actor and step >= cfg.algo.critic_warmup_steps:
                 t0 = time.time()
-                metrics.update(
-                    update_actor(
-                        actor,
-                        cfg,
-                        sizes,
-                        batch=(input_ids[mine], attn[mine], mask[mine]),
-                        old_logp=old_logp,
-                        adv=adv[mine],
-                        adv_keep=adv_keep[mine],
-                        ent_keep=ent_keep[mine],
-                        seed=seed,
-                    )  # fmt: skip
-                )
+                metrics |= update_actor(actor, cfg, sizes, batch=(input_ids[mine], attn[mine], mask[mine]),
+                                        old_logp=old_logp, adv=adv[mine], adv_keep=adv_keep[mine],
+                                        ent_keep=ent_keep[mine], seed=seed)  # fmt: skip
                 metrics["time/actor_update_s"] = time.time() - t0
             if critics and not cfg.algo.critic_first:
                 t0 = time.time()
@@ -762,23 +672,20 @@ def main(argv=None):
                 engine.load_weights(full_tensors(actor.model, engine.dtype))  # the sleeping engine dropped its weights
                 engine.wake_up(tags=["kv_cache"])
                 metrics["time/sync_s"] = time.time() - t0
-                gap = check_weight_sync(
-                    engine, actor.model, probe, tol=sync_tol, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device
-                )
+                gap = check_weight_sync(probe=sync_ref["probe"], tol=sync_limit, **check)
                 metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = gap
+                metrics["rollout/sync_check_baseline"] = sync_ref["baseline"]
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
                     metrics.update(evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, actor.mesh.get_group()))
             phase_memory(metrics, "sync", device)
             # ======== 9. log: every rank's metrics, merged, then the batch's statistics ============================
             metrics = merge_over_ranks(metrics)
-            metrics.update(
-                {
-                    "step": step,
-                    "reward/mean": float(scores.mean()),
-                    "response/length_mean": float(mask.sum(1).mean()),
-                    "time/iteration_s": time.time() - t_start,
-                }
-            )
+            metrics |= {
+                "step": step,
+                "reward/mean": float(scores.mean()),
+                "response/length_mean": float(mask.sum(1).mean()),
+            }
+            metrics["time/iteration_s"] = time.time() - t_start
             if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
             logger.log(metrics)
@@ -787,7 +694,7 @@ def main(argv=None):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank after this iteration
             if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or stop:
                 t0 = time.time()
-                log(f"checkpoint {save_checkpoint(ckpt_dir, step, held, probe, cfg.keep_checkpoints)} "
+                log(f"checkpoint {save_checkpoint(ckpt_dir, step, held, sync_ref, cfg.keep_checkpoints)} "
                     f"({time.time() - t0:.2f} s)")  # fmt: skip
             if stop:
                 log(f"stopped by {stop_signal[0] if stop_signal else 'a signal on another rank'} after iteration "
@@ -877,9 +784,7 @@ def load_or_exit(what, path, load):
     try:
         return load()
     except Exception as e:  # OSError, ValueError, KeyError, pickle/safetensors errors, shape mismatches, ...
-        hint = (
-            " Its code runs only with model.trust_remote_code=true, if you trust it." if "custom code" in str(e) else ""
-        )
+        hint = " Its code runs only with model.trust_remote_code=true, if you trust it." * ("custom code" in str(e))
         first = (str(e).strip().splitlines() or [""])[0][:300]
         sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: {first}{hint}")
 
@@ -1062,7 +967,7 @@ def export_all(actor, critics, layout, tokenizer, path, dtype):
 
 
 # =============================================================================================================
-# Rollout engines: generate(prompts, n, seed) -> (responses, sampler log-probs), score(pairs) -> log-probs at
+# Rollout engines: generate(prompts, n, seed) -> (responses, sampler log-probs or None), score(pairs) -> log-probs at
 # temperature 1 (the weight-sync check), load_weights(named tensors), sleep(), wake_up(tags), close()
 # =============================================================================================================
 def stop_token_ids(tokenizer, path, data_cfg):
@@ -1107,27 +1012,6 @@ class RolloutEngine:
             )
 
 
-class SampledLogprobs(LogitsProcessor):
-    """Records log π_sampler(o_t) of each sampled token during HF generate, one [n, V] step at a time (output_scores
-    would keep them all: 155 GB per prompt group at the paper's sizes). At step t + 1 the last column of input_ids
-    is the token drawn from step t's scores; finish() gathers the last one."""
-
-    def __init__(self):
-        self.prev, self.logps = None, []
-
-    def __call__(self, input_ids, scores):
-        if self.prev is not None:
-            self.logps.append(self.prev.gather(-1, input_ids[:, -1:]))  # [n, 1]
-        self.prev = scores.float().log_softmax(-1)  # [n, V], after temperature, top-k and top-p: what is sampled from
-        return scores
-
-    def finish(self, tokens):
-        """tokens [n, T], the generated ones -> [n, T] log-probs."""
-        if tokens.shape[1] > len(self.logps):  # the last step's token: no processor call came after it
-            self.logps.append(self.prev.gather(-1, tokens[:, -1:]))
-        return torch.cat(self.logps, 1)[:, : tokens.shape[1]]
-
-
 class HFEngine(RolloutEngine):
     """engine "hf": a full copy of the actor on every actor rank, sampling with transformers' generate."""
 
@@ -1149,37 +1033,22 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts, n, seed, **overrides):
-        """n responses per prompt (token ids up to and including the first stop token), grouped by prompt, and the
-        sampler's log-probs of them (temperature, top-k and top-p applied). overrides: e.g. evaluation's temperature."""
+        """n responses per prompt (token ids up to and including the first stop token), grouped by prompt, and None:
+        this engine does not record the sampler's log-probs. overrides: e.g. evaluation's temperature."""
         self.require("generate", "awake")
         if not prompts:  # evaluation: a rank may get no problem of a small set
-            return [], []
+            return [], None
         torch.manual_seed(seed)
         s = {**self.sampling, **overrides}
-        prompts = [p for p in prompts for _ in range(n)]
-        input_ids, attn = left_pad(prompts, self.pad_id, self.device)  # [n, P]
-        # the sampler's processors in generate's own order, then the recorder, which sees what is sampled from;
-        # generate itself is told temperature 1 / no top-k / top-p 1 so that it adds none of its own
-        recorder = SampledLogprobs()
-        warpers = [TemperatureLogitsWarper(s["temperature"])] if s["temperature"] != 1.0 else []
-        warpers += [TopKLogitsWarper(s["top_k"])] if s["top_k"] > 0 else []
-        warpers += [TopPLogitsWarper(s["top_p"])] if s["top_p"] < 1.0 else []
+        input_ids, attn = left_pad([p for p in prompts for _ in range(n)], self.pad_id, self.device)  # [n, P]
         gen_cfg = GenerationConfig(
-            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s["max_new_tokens"],
-            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, repetition_penalty=1.0, num_beams=1,
+            do_sample=True, temperature=s["temperature"], top_k=max(s["top_k"], 0), top_p=s["top_p"],
+            max_new_tokens=s["max_new_tokens"], eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            repetition_penalty=1.0, num_beams=1,
         )  # fmt: skip
-        processors = LogitsProcessorList(warpers + [recorder])
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg, logits_processor=processors
-        )
-        tokens = out[:, input_ids.shape[1] :]  # [n, T]
-        logp = recorder.finish(tokens)  # [n, T]
-        responses, logprobs = [], []
-        for r, lp in zip(tokens.tolist(), logp.tolist()):
-            k = next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))
-            responses.append(r[:k])
-            logprobs.append(lp[:k])
-        return responses, logprobs
+        out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg)
+        stop = lambda r: next((i + 1 for i, t in enumerate(r) if t in self.stop_ids), len(r))  # noqa: E731
+        return [r[: stop(r)] for r in out[:, input_ids.shape[1] :].tolist()], None
 
     @torch.no_grad()
     def score(self, pairs):
@@ -1344,11 +1213,11 @@ def left_pad(sequences, pad_id, device):
     return input_ids, attn
 
 
-def check_weight_sync(engine, actor, probe, *, tol, pad_id, cfg, device):
+def check_weight_sync(*, engine, actor, probe, tol, pad_id, cfg, device):
     """The engine and the trainer must give a fixed probe batch the same log-probs (temperature 1): a stale engine
     samples from a policy the trainer does not have, and nothing else would notice. The statistic is the MEAN |Δ| over
     the probe's response tokens: in bf16 the two sides' kernels differ by up to ~0.3 on single tokens while the mean
-    stays small (bench/rehearsal.md). Micro-batched, with logits for the response tokens only. -> (mean, max)."""
+    stays small (bench/rehearsal.md). RuntimeError above `tol` (None: measure only). -> (mean, max)."""
     diffs, micro_batch_size = [], cfg.actor.forward_micro_batch_size
     for i in range(0, len(probe), micro_batch_size):
         part = probe[i : i + micro_batch_size]
@@ -1366,13 +1235,32 @@ def check_weight_sync(engine, actor, probe, *, tol, pad_id, cfg, device):
             diffs += [abs(a - b) for a, b in zip(row[: len(r)], e)]  # response tokens only
     actor.reshard()
     mean, worst = sum(diffs) / len(diffs), max(diffs)
-    if mean > tol:
+    if tol is not None and mean > tol:
         raise RuntimeError(
-            f"weight sync check failed: engine and trainer log-probs of the probe's response tokens "
-            f"differ by {mean:.3g} on average (max {worst:.3g}) > rollout.sync_check_tol={tol}: the "
-            f"rollout engine is not generating from the trained weights"
+            f"weight sync check failed: engine and trainer log-probs of the probe's response tokens differ by "
+            f"{mean:.3g} on average (max {worst:.3g}) > {tol:.3g} (the larger of rollout.sync_check_tol and "
+            f"rollout.sync_check_margin x the first check's gap): the engine is not generating from the trained weights"
         )
     return mean, worst
+
+
+def first_sync_check(sync_ref, rollout, tol, log, check):
+    """A new run's first check measures the baseline: engine and trainer loaded the same weights, so their gap is the
+    kernels' own. Later checks stop the run above max(tol, margin x baseline). A resumed run keeps its probe and
+    baseline (a stale engine must not set it) and checks at once. -> ({"probe", "baseline"}, later checks' limit)."""
+    cfg, resumed = check["cfg"], sync_ref is not None
+    if not resumed:
+        probe = rollout[: cfg.rollout.probe_size]
+        sync_ref = {"probe": probe, "baseline": check_weight_sync(probe=probe, tol=None, **check)[0]}
+    limit = max(tol, cfg.rollout.sync_check_margin * sync_ref["baseline"])
+    if resumed:  # the engine holds the checkpoint's weights: checked like after a sync
+        check_weight_sync(probe=sync_ref["probe"], tol=limit, **check)
+    if sync_ref["baseline"] > tol:
+        log(f"WARNING: engine and trainer differ by {sync_ref['baseline']:.3g} > rollout.sync_check_tol={tol} on the "
+            f"same weights: compare their dtype, attention kernel and model code (README, GPU runbook)")  # fmt: skip
+    log(f"weight sync check: baseline gap {sync_ref['baseline']:.3g} (engine vs trainer, same weights); a later gap "
+        f"above {limit:.3g} stops the run")  # fmt: skip
+    return sync_ref, limit
 
 
 # =============================================================================================================
@@ -1486,12 +1374,7 @@ class RewardPool:
         timeout_s = timeout_s or self.timeout_s
         with self.lock:
             self.workers = self.workers or [self._start() for _ in range(self.n)]
-            scores, timeouts, todo, busy = (
-                [0.0] * len(responses),
-                0,
-                list(range(len(responses)))[::-1],
-                {},
-            )  # w: (job, t0)
+            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}
             while todo or busy:
                 for w in range(len(self.workers)):
                     if w not in busy and todo:
@@ -1499,7 +1382,7 @@ class RewardPool:
                         self.workers[w][1].send((responses[job], answers[job]))
                         busy[w] = (job, time.monotonic())
                 ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
-                for w, (job, t0) in list(busy.items()):
+                for w, (job, t0) in list(busy.items()):  # busy: worker -> (its job, when it got it)
                     if self.workers[w][1] in ready:
                         try:
                             scores[job] = self.workers[w][1].recv()
@@ -1627,6 +1510,9 @@ def prompt_batch(cfg, dataset, step, part, parts):
 # Forward passes of the trainer (micro-batched), on [prompt (left-padded) | response (right-padded)] sequences.
 # Each micro-batch runs at its own width, not the batch's: `cut` drops the columns that are padding in all its rows.
 # =============================================================================================================
+LOGPROB_CHUNK = 1024  # tokens per float32 copy of the logits in no-grad passes (all 8,000 x 151,936: ~17 GB)
+
+
 def positions(attn):
     return (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0, as in generation
 
@@ -1663,9 +1549,13 @@ def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=N
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
     pos = None if attn is None else positions(attn)
     logits = actor(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=Lc + 1).logits
-    logits = logits[:, :-1].float() / temperature  # [n, L', V]: logits at position t-1 give π(o_t | s_t)
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, input_ids[:, -Lc:, None]).squeeze(-1)  # [n, L']
+    logits, targets = logits[:, :-1], input_ids[:, -Lc:, None]  # [n, L', V]: position t-1's logits give π(o_t | s_t)
+    if not with_entropy and not torch.is_grad_enabled():  # π_old, the sync check: float32 copies, a chunk at a time
+        chunks = zip(logits.split(LOGPROB_CHUNK, 1), targets.split(LOGPROB_CHUNK, 1))
+        logp = torch.cat([(x.float() / temperature).log_softmax(-1).gather(-1, t).squeeze(-1) for x, t in chunks], 1)
+        return widen(logp, attn, L), None
+    logp_all = (logits.float() / temperature).log_softmax(-1)  # [n, L', V]
+    logp = logp_all.gather(-1, targets).squeeze(-1)  # [n, L']
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [n, L']
     return widen(logp, attn, L), None if entropy is None else widen(entropy, attn, L)  # [n, L] each
 
@@ -1868,21 +1758,13 @@ def merge_over_ranks(metrics):
     return out
 
 
-def peak_memory_gb(device):
-    """Peak GPU memory allocated since the last call, in GB; None on CPU (bench/ measures CPU memory from outside)."""
-    if device.type != "cuda":
-        return None
-    gb = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return gb
-
-
 def phase_memory(metrics, phase, device):
-    """memory/PHASE_gb: the peak of the phase that just ended, and memory/peak_gb: the iteration's so far."""
-    gb = peak_memory_gb(device)
-    if gb is not None:
-        metrics[f"memory/{phase}_gb"] = gb
+    """memory/PHASE_gb: the peak GPU memory of the phase that just ended; memory/peak_gb: the iteration's so far.
+    Nothing on CPU (bench/ measures CPU memory from outside)."""
+    if device.type == "cuda":
+        metrics[f"memory/{phase}_gb"] = gb = torch.cuda.max_memory_allocated(device) / 2**30
         metrics["memory/peak_gb"] = max(gb, metrics.get("memory/peak_gb", 0.0))
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def digest(*tensors):
@@ -1923,7 +1805,8 @@ def say(line):
 # Checkpoints: torch.distributed.checkpoint, atomic, resumable; a signal saves one and stops
 # =============================================================================================================
 def resume(cfg, ckpt_dir, held, engine, log):
-    """-> (first iteration, weight-sync probe or None), from the checkpoint resume= names (auto: the latest one).
+    """-> (first iteration, the weight-sync check's {"probe", "baseline"} or None), from the checkpoint resume= names
+    (auto: the latest one).
     Rank 0 picks it: ranks with other views of the disk would load different steps and hang."""
 
     def pick():
@@ -1933,11 +1816,11 @@ def resume(cfg, ckpt_dir, held, engine, log):
     if not path:
         return 0, None
     t0 = time.time()
-    start_step, probe = load_checkpoint(path, held)
+    start_step, sync_ref = load_checkpoint(path, held)
     if engine:
         engine.load_weights(full_tensors(held["actor"].model, engine.dtype))
     log(f"resumed from {path}: continuing at iteration {start_step} (loaded in {time.time() - t0:.2f} s)")
-    return start_step, probe
+    return start_step, sync_ref
 
 
 def stop_on_signals():
@@ -1964,9 +1847,9 @@ def dcp_state(held):
     return state
 
 
-def save_checkpoint(ckpt_dir, step, held, probe, keep):
-    """Every model, optimizer and schedule (`held`: this rank's), the next step and the probe; the data position and
-    the RNG follow from the step. Written to step_N.tmp, renamed once whole: a step_N without .tmp is complete."""
+def save_checkpoint(ckpt_dir, step, held, sync_ref, keep):
+    """Every model, optimizer and schedule (`held`: this rank's), the next step and rank 0's sync-check reference; the
+    data position and the RNG follow from the step. Written to step_N.tmp, renamed once whole (then complete)."""
     final, tmp = ckpt_dir / f"step_{step + 1:07d}", ckpt_dir / f"step_{step + 1:07d}.tmp"
 
     def start():  # a leftover .tmp is an unfinished save (killed mid-way): start it anew
@@ -1974,7 +1857,7 @@ def save_checkpoint(ckpt_dir, step, held, probe, keep):
         tmp.mkdir(parents=True)
 
     def finish():  # a step_N already there is from a run this one resumed before it: the new one replaces it
-        torch.save({"next_step": step + 1, "probe": probe}, tmp / "trainer_state.pt")
+        torch.save({"next_step": step + 1, "sync_check": sync_ref}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(ckpt_dir.glob("step_???????"))[:-keep]:
@@ -1993,7 +1876,7 @@ def latest_checkpoint(ckpt_dir):
 
 def load_checkpoint(path, held):
     """Restore a save_checkpoint directory into this rank's (already FSDP2-wrapped) models, optimizers and schedules.
-    -> (next step, probe)."""
+    -> (next step, the sync check's {"probe", "baseline"})."""
     state = dcp_state(held)
     dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's parts of the models
     for name, t in held.items():
@@ -2001,7 +1884,7 @@ def load_checkpoint(path, held):
         set_optimizer_state_dict(t.model, t.opt, state[f"{name}_optim"])
         t.sched.load_state_dict(state[f"{name}_sched"])
     trainer = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
-    return trainer["next_step"], trainer["probe"]
+    return trainer["next_step"], trainer.get("sync_check")  # None in an older checkpoint: measured anew
 
 
 # =============================================================================================================
@@ -2101,10 +1984,10 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 
 class MetricsLog:
     """Rank 0's outputs in OUTPUT_DIR: config.json, metrics.jsonl (one line per iteration; eval/mean/avg@k_best and
-    _best_step hold the peak so far), samples.jsonl, and report_to's TensorBoard / W&B. A resumed run appends to
-    what it continues. Made on every rank (opening a tracker can fail: on_rank0 stops every rank); writes on rank 0.
-    TensorBoard: a run starting at iteration s hides the events an earlier run wrote from s on (purge_step).
-    W&B: OUTPUT_DIR/wandb (WANDB_MODE=offline: no network); a resumed run continues the run in wandb_run_id."""
+    _best_step hold the peak so far), samples.jsonl, and report_to's TensorBoard / W&B (OUTPUT_DIR/wandb; offline with
+    WANDB_MODE=offline). A resumed run appends: TensorBoard hides the events an earlier run wrote from its first step
+    on (purge_step), W&B continues the run in wandb_run_id. Made on every rank (opening a tracker can fail: on_rank0
+    stops every rank); writes on rank 0."""
 
     def __init__(self, cfg, start_step):
         self.writer, self.tb, self.wandb = dist.get_rank() == 0, None, None
@@ -2139,14 +2022,14 @@ class MetricsLog:
 
     def samples(self, step, tokenizer, prompts, responses, texts, answers, scores, stop_ids):
         """The first 4 responses of the iteration, decoded: what the model writes and what it was scored."""
-        if not self.writer:
-            return
-        for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[:4]:
+        for p, r, text, answer, score in (
+            list(zip(prompts, responses, texts, answers, scores))[:4] if self.writer else []
+        ):
             line = dict(
                 step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score, tokens=len(r)
             )
             self.samples_file.write(json.dumps(line | {"stopped": r[-1] in stop_ids}) + "\n")
-        self.samples_file.flush()
+            self.samples_file.flush()
 
     def log(self, metrics):
         if not self.writer:
@@ -2157,22 +2040,19 @@ class MetricsLog:
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
         scalars = {k: v for k, v in metrics.items() if k != "step"}
+        for key, value in scalars.items() if self.tb else []:
+            self.tb.add_scalar(key, value, metrics["step"])
         if self.tb:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, metrics["step"])
             self.tb.flush()  # like metrics.jsonl: every iteration is on disk even if the run dies
         if self.wandb:
             self.wandb.log(scalars, step=metrics["step"])
 
     def close(self, exit_code=0):
-        if not self.writer:
-            return
-        self.metrics_file.close()
-        self.samples_file.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish(exit_code=exit_code)
+        if self.writer:
+            for f in filter(None, (self.metrics_file, self.samples_file, self.tb)):
+                f.close()
+            if self.wandb:
+                self.wandb.finish(exit_code=exit_code)
         self.writer = False
 
 

@@ -35,6 +35,7 @@ def memory_plan(cfg, world, gpu_memory_gb=None):
     float32 gradients before the reduce-scatter, the CUDA context and NCCL's buffers (FIXED_GB) and the caching
     allocator's reserve (RESERVE). gpu_memory_gb: one GPU's memory for the verdict (None: rollout.gpu_memory_gb)."""
     FIXED_GB, RESERVE = 1.5, 1.1  # context + communicators per GPU; blocks cached but not in use (fragmentation)
+    ENGINE_GB = 2.0  # vLLM's own peak activations and sampler (its profiling run), an estimate: the GPU check measures
     GB, M, r = 2**30, cfg.algo.num_critics, cfg.rollout
     gpu_gb = r.gpu_memory_gb if gpu_memory_gb is None else gpu_memory_gb
     bf = 2 if cfg.model.param_dtype == "bfloat16" else 4
@@ -51,6 +52,7 @@ def memory_plan(cfg, world, gpu_memory_gb=None):
         return sum(p.numel() for p in model.parameters()), layer, root, config
 
     def model_gb(path, critic, mb, fwd_mb, shards):
+        """-> (parameters, weights + gradients + AdamW GB, training peak GB, no-grad forward peak GB, config)"""
         n, layer, root, c = shapes(path, critic)
         states = 16 * n / shards  # float32 weights + gradients + AdamW's two moments, sharded over the model's ranks
         unsharded = bf * (root + 2 * layer)  # FSDP2 all-gathers the root and one layer (+ the next, prefetched)
@@ -64,13 +66,35 @@ def memory_plan(cfg, world, gpu_memory_gb=None):
         # (entropy), and in backward the gradients of two of them at once: 6 float32 [L, vocabulary] per sequence
         logits = 0 if critic else mb * L * c.vocab_size * (6 * 4 + bf)
         grads = 4 * max(root, 2 * layer)  # FSDP2: unsharded float32 gradients of the root (or 2 layers) to reduce
-        # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies (no gradients)
-        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * L * c.vocab_size * (3 * 4 + bf))
-        return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB
+        # values, π_old passes: hidden states, and the actor's logits with 3 float32 copies of a chunk (no gradients)
+        chunk = min(L, asyppo.LOGPROB_CHUNK)
+        no_grad = fwd_mb * T * c.hidden_size * bf * 4 + (0 if critic else fwd_mb * c.vocab_size * (L * bf + chunk * 12))
+        return n, states / GB, (unsharded + max(acts + logits + grads, no_grad)) / GB, (unsharded + no_grad) / GB, c
 
     def verdict(gb):
         gb = FIXED_GB + RESERVE * gb
         return f"needs {gb:.1f} of {gpu_gb:.0f} GB: " + ("fits" if gb <= 0.95 * gpu_gb else "does NOT fit")
+
+    def kv_cache_line(c, engine_gb, weights_gb, per_rank):
+        """vLLM's KV cache: what is left of its share after its weights and its own activations (ENGINE_GB)."""
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        per_token = c.num_hidden_layers * 2 * kv_heads * head_dim * bf  # keys and values of every layer
+        kv = max(0.0, engine_gb - weights_gb - ENGINE_GB)
+        tokens = kv * GB / per_token
+        return (
+            f"    of which weights {weights_gb:.2f}, KV cache ~{kv:.2f} ({per_token / 1024:.0f} KiB per token): "
+            f"{tokens / 1e3:.0f}k tokens, {tokens / T:.0f} full-length sequences at once, of {per_rank} per actor rank"
+        )
+
+    def suggestion(awake_gb):
+        """The gpu_memory_utilization with which the rollout phase (engine + what the trainer holds while it is awake,
+        the probe forward included) needs 90% of the GPU, by the verdict's own arithmetic."""
+        u = (0.9 * gpu_gb - FIXED_GB - RESERVE * awake_gb) / (RESERVE * gpu_gb)
+        return (
+            f"  rollout.gpu_memory_utilization={r.gpu_memory_utilization} (configured); {u:.2f} would fill 90% of "
+            f"{gpu_gb:.0f} GB in the rollout phase"
+        )
 
     critic_path = cfg.model.actor if cfg.algo.name == "ppo" else cfg.model.critic
     lines = [
@@ -87,15 +111,15 @@ def memory_plan(cfg, world, gpu_memory_gb=None):
             lines.append(f"{head}: does not fit: {e}")
             continue
         held = M if placement == "colocated" else max(1, M // (world - len(layout.actor)))  # critics per critic rank
-        na, a_states, a_peak = model_gb(
+        na, a_states, a_peak, a_probe, a_config = model_gb(
             cfg.model.actor, False, cfg.actor.micro_batch_size, cfg.actor.forward_micro_batch_size, sizes.actor_dp
         )
-        nc, c_states, c_peak = (
+        nc, c_states, c_peak, _, _ = (
             model_gb(
                 critic_path, True, cfg.critic.micro_batch_size, cfg.critic.forward_micro_batch_size, sizes.critic_dp
             )
             if M
-            else (0, 0.0, 0.0)
+            else (0, 0.0, 0.0, 0.0, None)
         )
         # hf: an unsharded copy
         engine = r.gpu_memory_utilization * gpu_gb if r.engine == "vllm" else na * bf / GB
@@ -121,23 +145,28 @@ def memory_plan(cfg, world, gpu_memory_gb=None):
             ),
             f"  rollout engine ({r.engine}): {engine:8.2f}"
             + (" (gpu_memory_utilization x gpu_memory_gb; asleep while training)" if r.engine == "vllm" else ""),
+            *([kv_cache_line(a_config, engine, na * bf / GB, sizes.n_local)] if r.engine == "vllm" else []),
+            f"  probe forward (the weight-sync check, while the engine is awake): {a_probe:8.2f}",
         ]
         if placement == "colocated":
             rollout, train = (
-                a_states + held * c_states + engine,
+                a_states + held * c_states + engine + a_probe,
                 a_states + held * c_states + max(a_peak, c_peak) + asleep,
             )
             lines.append(
                 f"  every rank: rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
                 f"-> {verdict(max(rollout, train))}"
             )
+            lines += [suggestion(rollout - engine)] if r.engine == "vllm" else []
         else:
-            rollout, train, critic_rank = a_states + engine, a_states + a_peak + asleep, held * c_states + c_peak
+            rollout, critic_rank = a_states + engine + a_probe, held * c_states + c_peak
+            train = a_states + a_peak + asleep
             lines += [
                 f"  actor ranks:  rollout phase {rollout:8.2f}   training phase {train:8.2f}   "
                 f"-> {verdict(max(rollout, train))}",
                 f"  critic ranks: values and training {critic_rank:8.2f}   -> {verdict(critic_rank)}",
             ]
+            lines += [suggestion(rollout - engine)] if r.engine == "vllm" else []
     return "\n".join(lines)
 
 

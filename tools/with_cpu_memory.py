@@ -11,17 +11,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyppo  # noqa: E402
 
-gpu_peak_gb = asyppo.peak_memory_gb
+gpu_phase_memory = asyppo.phase_memory
 
 
-def peak_memory_gb(device):
+def phase_memory(metrics, phase, device):
     if device.type == "cuda":
-        return gpu_peak_gb(device)
+        return gpu_phase_memory(metrics, phase, device)
     gb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 2**20  # kB -> GB
     Path("/proc/self/clear_refs").write_text("5")  # the next phase's peak starts from here
-    return gb
+    metrics[f"memory/{phase}_gb"] = gb
+    metrics["memory/peak_gb"] = max(gb, metrics.get("memory/peak_gb", 0.0))
 
 
 if __name__ == "__main__":
-    asyppo.peak_memory_gb = peak_memory_gb
+    asyppo.phase_memory = phase_memory
     asyppo.main(sys.argv[1:])
