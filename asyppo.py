@@ -319,6 +319,7 @@ class Config:
     max_steps: int = 500  # iterations (rollout + update)
     output_dir: str = "runs/qwen3-4b-base"
     save_steps: int = 50  # resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
+    token_steps: int = 50  # tokens.jsonl: per token σ, V̄, Â and the masks of 4 responses every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = ""  # auto: the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint directory
     report_to: list = field(default_factory=list)  # also log metrics to: tensorboard, wandb (optional installs)
@@ -356,7 +357,7 @@ RULES = [  # (keys, test, what a broken rule says): checked before anything is l
         critic.forward_micro_batch_size eval.k reward.workers actor_ranks dist_timeout_min""", lambda v: v >= 1,
      "must be >= 1"),
     ("""save_steps eval.steps eval.max_new_tokens data.num_prompts algo.critic_warmup_steps actor.warmup_steps
-        critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef rollout.sync_check_tol""",
+        critic.warmup_steps actor.weight_decay critic.weight_decay algo.ent_coef rollout.sync_check_tol token_steps""",
      lambda v: v >= 0, "must be >= 0"),
     ("""actor.lr critic.lr actor.max_grad_norm critic.max_grad_norm rollout.temperature eval.temperature algo.clip_eps
         reward.timeout_s rollout.gpu_memory_gb rollout.sync_check_margin""", lambda v: v > 0, "must be > 0"),
@@ -688,6 +689,9 @@ def main(argv=None):
             metrics["time/iteration_s"] = time.time() - t_start
             if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
+            if rank == 0 and M and cfg.token_steps and step % cfg.token_steps == 0:  # AsyPPO: σ and the masks per token
+                logger.tokens(step, tokenizer, prompts, answers, batch, scores, cfg.algo.value_agg,
+                              values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
             logger.log(metrics)
             # ======== 10. checkpoint when due, or when a signal came =================================================
             stop = torch.tensor(float(bool(stop_signal)), device=device)
@@ -2005,6 +2009,7 @@ class MetricsLog:
         self.best = max(((m[self.best_key], m["step"]) for m in earlier if self.best_key in m), default=None)
         self.metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w")
         self.samples_file = open(out / "samples.jsonl", "a" if start_step else "w")
+        self.tokens_file = open(out / "tokens.jsonl", "a" if start_step else "w")
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -2031,6 +2036,24 @@ class MetricsLog:
             self.samples_file.write(json.dumps(line | {"stopped": r[-1] in stop_ids}) + "\n")
             self.samples_file.flush()
 
+    def tokens(self, step, tokenizer, prompts, answers, batch, scores, value_agg, *, values, adv, adv_keep, ent_keep):
+        """tokens.jsonl: for the iteration's first 4 responses (rank 0's rows), per token: its text, each critic's
+        value, V̄, σ, Â and whether each mask kept it (tools/show_masks.py draws them). Full float32 precision; a
+        paper-scale run (4 x 8,000 tokens every 50 of 500 iterations) writes ~35 MB."""
+        input_ids, _, mask = batch
+        v_bar, sigma = aggregate_values(values, value_agg), values.std(0, unbiased=False)
+        for i in range(min(4, len(prompts))):
+            n = int(mask[i].sum())
+            ids = input_ids[i, input_ids.shape[1] - mask.shape[1] :][:n].tolist()
+            line = dict(
+                step=step, row=i, prompt=tokenizer.decode(prompts[i]), answer=answers[i], reward=float(scores[i])
+            )
+            line |= dict(tokens=[tokenizer.decode([t]) for t in ids], values=values[:, i, :n].tolist())
+            line |= {k: t[i, :n].tolist() for k, t in dict(v_bar=v_bar, sigma=sigma, adv=adv).items()}
+            line |= {k: t[i, :n].int().tolist() for k, t in dict(adv_keep=adv_keep, ent_keep=ent_keep).items()}
+            self.tokens_file.write(json.dumps(line) + "\n")
+        self.tokens_file.flush()
+
     def log(self, metrics):
         if not self.writer:
             return
@@ -2049,7 +2072,7 @@ class MetricsLog:
 
     def close(self, exit_code=0):
         if self.writer:
-            for f in filter(None, (self.metrics_file, self.samples_file, self.tb)):
+            for f in filter(None, (self.metrics_file, self.samples_file, self.tokens_file, self.tb)):
                 f.close()
             if self.wandb:
                 self.wandb.finish(exit_code=exit_code)

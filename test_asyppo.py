@@ -5,6 +5,7 @@ The vLLM tier (marker `vllm`) runs where vllm is installed: ASYPPO_REQUIRE_VLLM=
 
 import atexit
 import functools
+import html.parser
 import importlib.util
 import json
 import math
@@ -1738,6 +1739,85 @@ def actor_and_critic_params(log):
     held = holdings(log)[0]
     critics = [total for name, (total, _) in held.items() if name.startswith("critic")]
     return held["actor"][0], len(critics), critics[0] if critics else 0
+
+
+class MaskedTokens(html.parser.HTMLParser):
+    """The token spans of tools/show_masks.py's page, response by response: (text, its classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.responses, self.span = [], None
+
+    def handle_starttag(self, tag, attrs):
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "div" and "resp" in classes:
+            self.responses.append([])
+        elif tag == "span" and "t" in classes:
+            self.span = ["", set(classes)]
+
+    def handle_data(self, data):
+        if self.span is not None:
+            self.span[0] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self.span is not None:
+            self.responses[-1].append(tuple(self.span))
+            self.span = None
+
+
+def test_token_records_and_the_masks_page(tmp_path, tiny_base):
+    """tokens.jsonl and tools/show_masks.py. One prompt per iteration, so the 4 recorded responses are the whole batch
+    and the test computes Eq. 4-5's masks itself from the recorded values; the page shows every recorded token and
+    marks exactly the tokens whose masks are 0."""
+    fractions = ["algo.adv_mask_frac=0.3", "algo.ent_filter_frac=0.3"]  # 2 of 8 tokens each
+    batch = ["rollout.prompts_per_step=1", "actor.sequences_per_step=4", "critic.sequences_per_step=2"]
+    script("max_steps=2", "token_steps=1", *fractions, *batch, f"output_dir={tmp_path}", *tiny_base)
+    records = [json.loads(line) for line in (tmp_path / "tokens.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["row"]) for r in records] == [(s, i) for s in (0, 1) for i in range(4)]
+    seed = json.loads((tmp_path / "config.json").read_text())["seed"]
+    for step in (0, 1):
+        rows = [r for r in records if r["step"] == step]
+        L = max(len(r["tokens"]) for r in rows)
+        values = torch.tensor([[v + [0.0] * (L - len(v)) for v in (r["values"][m] for r in rows)] for m in (0, 1)])
+        mask = torch.tensor([[1.0] * len(r["tokens"]) + [0.0] * (L - len(r["tokens"])) for r in rows])
+        adv_keep, ent_keep = uncertainty_masks(values, mask, 0.3, 0.3, tie_seed=seed * 1_000_003 + step)
+        assert int((1 - adv_keep).sum() - (1 - mask).sum()) == int(0.3 * mask.sum())  # the masks took tokens
+        for i, r in enumerate(rows):
+            n = len(r["tokens"])
+            assert r["adv_keep"] == adv_keep[i, :n].int().tolist() and r["ent_keep"] == ent_keep[i, :n].int().tolist()
+            assert r["sigma"] == values[:, i, :n].std(0, unbiased=False).tolist()
+            assert r["v_bar"] == values[:, i, :n].mean(0).tolist()
+    out = subprocess.run(
+        [sys.executable, "tools/show_masks.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "8 responses of 2 iteration(s)" in out.stdout, out.stderr
+    page = MaskedTokens()
+    page.feed((tmp_path / "masks.html").read_text())
+    assert len(page.responses) == len(records)
+    for shown, r in zip(page.responses, records):  # every recorded token, in order, marked as its masks say
+        assert [text for text, _ in shown] == r["tokens"]
+        assert [int("nograd" not in c) for _, c in shown] == r["adv_keep"]
+        assert [int("noent" not in c) for _, c in shown] == r["ent_keep"]
+    assert "<script" not in (tmp_path / "masks.html").read_text()  # no scripts, nothing fetched
+
+
+def test_token_records_stay_small_at_paper_scale(tmp_path):
+    """tokens.jsonl at the paper preset's shapes, computed, not run: one recorded iteration written by MetricsLog.tokens
+    (4 responses of 8,000 tokens, 2 critics, full float32 values), times max_steps / token_steps iterations."""
+    cfg, tok = asyppo.Config(), make_tiny.char_tokenizer()
+    n, L, M = 4, cfg.rollout.max_new_tokens, cfg.algo.num_critics
+    torch.manual_seed(0)
+    values, adv, mask = torch.randn(M, n, L), torch.randn(n, L), torch.ones(n, L)
+    adv_keep, ent_keep = uncertainty_masks(values, mask, 0.2, 0.2)
+    input_ids = torch.randint(3, len(tok), (n, 1 + L))
+    logger = asyppo.MetricsLog.__new__(asyppo.MetricsLog)
+    with open(tmp_path / "tokens.jsonl", "w") as logger.tokens_file:
+        logger.tokens(0, tok, [[3]] * n, ["1"] * n, (input_ids, None, mask), torch.zeros(n), "mean",
+                      values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
+    per_iteration = (tmp_path / "tokens.jsonl").stat().st_size
+    run_mb = per_iteration * (cfg.max_steps // cfg.token_steps) / 1e6
+    print(f"tokens.jsonl: {per_iteration / 1e6:.2f} MB per recorded iteration, {run_mb:.1f} MB for the paper's run")
+    assert 20 < run_mb < 50
 
 
 @pytest.mark.parametrize("method", ["asyppo", "ppo", "ppo_small", "grpo"])

@@ -1,12 +1,15 @@
 """The one-GPU check: run what one CUDA GPU can run of asyppo.py, then print one summary. Offline; needs only torch,
 transformers and math-verify (with its two dependencies, carried as wheels: the GPU machine has no internet).
+Each part fits a short slot: about 1-3 minutes on one H100 by estimate, and --timeout (240 s) per trainer run, after
+which the part's summary still prints what its run logged.
 
-    # on a machine WITH internet, once:
-    pip download math-verify latex2sympy2_extended antlr4-python3-runtime -d wheels/
-    # on the GPU machine (torch + transformers installed), from the repository root:
-    pip install --no-index --find-links wheels math-verify
-    python tools/gpu_check.py                 # both parts; --max-new-tokens 4096 --steps 2 by default
-    python tools/gpu_check.py --cpu-smoke     # the same two parts on CPU at toy sizes (CI checks the script with this)
+    # on a machine WITH internet, once (0.4 MB):
+    pip download --no-deps -d wheels math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+    # on the GPU machine (torch + transformers installed; sympy comes with torch), from the repository root:
+    pip install --no-index --no-deps wheels/*.whl
+    python tools/gpu_check.py --parts 1       # the tiny preset on the GPU in bf16
+    python tools/gpu_check.py --parts 2       # Qwen3-0.6B shapes at 2,048 new tokens (--max-new-tokens 8000: longer)
+    python tools/gpu_check.py --cpu-smoke     # both parts on CPU at toy sizes (CI checks the script with this)
 
 Part 1: the tiny preset with device=cuda and model.param_dtype=bfloat16 (--tiny-steps iterations): reward, the
   weight-sync check's diff, seconds per iteration and peak memory, from its metrics.jsonl.
@@ -154,11 +157,11 @@ def main():
     parser.add_argument("--cpu-smoke", action="store_true", help="both parts on CPU at toy sizes: checks this script")
     parser.add_argument("--tiny-steps", type=int, default=20, help="part 1: iterations of the tiny preset")
     parser.add_argument("--steps", type=int, default=2, help="part 2: iterations")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="part 2: response length cap")
+    parser.add_argument("--max-new-tokens", type=int, default=2048, help="part 2: response length cap")
     parser.add_argument(
         "--critic-layers", type=int, default=0, help="part 2: >0: critics of this many layers (same vocab)"
     )
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per trainer run")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per trainer run (then its summary)")
     parser.add_argument("--parts", default="1,2", help="which parts to run, e.g. 2")
     args = parser.parse_args()
     device, dtype = ("cpu", "bfloat16") if args.cpu_smoke else ("cuda", "bfloat16")
@@ -196,7 +199,7 @@ def main():
         ok, text, secs = finish(start(name, overrides, out), args.timeout)
         metrics = metrics_of(run_dir)
         ok = ok and len(metrics) == args.tiny_steps
-        lines = [describe_run(metrics)] if ok else []
+        lines = [describe_run(metrics)] if metrics else []  # after a timeout too: what the run logged
         results.append((f"part 1 tiny preset ({device}, {dtype}, {secs:.0f} s)", ok, lines, text))
 
     # ---- part 2: Qwen3-0.6B shapes, random weights, long responses, gradient checkpointing -----------------------
@@ -246,7 +249,7 @@ def main():
         metrics = metrics_of(run_dir)
         ok = ok and ok_plan and len(metrics) == args.steps
         lines = []
-        if ok:
+        if metrics and ok_plan:  # after a timeout too: what the run logged
             measured = peaks(metrics)
             lines = [
                 describe_run(metrics),
