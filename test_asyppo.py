@@ -1790,10 +1790,16 @@ def test_token_records_and_the_masks_page(tmp_path, tiny_base):
             assert r["adv_keep"] == adv_keep[i, :n].int().tolist() and r["ent_keep"] == ent_keep[i, :n].int().tolist()
             assert r["sigma"] == values[:, i, :n].std(0, unbiased=False).tolist()
             assert r["v_bar"] == values[:, i, :n].mean(0).tolist()
+    png = tmp_path / "masks.png"  # --png: the README's picture (Pillow comes with tensorboard in the test venv)
     out = subprocess.run(
-        [sys.executable, "tools/show_masks.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "tools/show_masks.py", str(tmp_path), "--png", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0 and "8 responses of 2 iteration(s)" in out.stdout, out.stderr
+    assert "2 responses of iteration 0" in out.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = MaskedTokens()
     page.feed((tmp_path / "masks.html").read_text())
     assert len(page.responses) == len(records)

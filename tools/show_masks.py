@@ -126,12 +126,62 @@ def summary(counts, kinds):
     return "\n".join(out)
 
 
+def picture(records, out, responses=2, width=1000):
+    """A PNG of the first responses as the page draws them (for the README; the page itself has no picture). Needs
+    Pillow (tensorboard installs it): `pip install pillow`."""
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        sys.exit("--png needs Pillow: pip install pillow")
+    font, pad, line_h = ImageFont.load_default(size=15), 10, 26
+    records = [r for r in records if r["step"] == records[0]["step"]][:responses]
+    sigmas = sorted(x for r in records for x in r["sigma"])
+    rank = {x: i / max(1, len(sigmas) - 1) for i, x in enumerate(sigmas)}
+    items, x, y = [], pad, pad  # (x, y, text, record, token index) laid out first, drawn after
+    legend = (
+        "shade: sigma, blue = the critics agree, orange = they disagree;  grey + struck: no policy gradient (Eq. 4);"
+    )
+    lines = [legend, "red frame: no entropy bonus (Eq. 5)"]
+    y += line_h * len(lines)
+    for r in records:
+        question = " ".join(re.sub(r"<\|[^|]*\|>", " ", r["prompt"]).split())[-90:]  # special tokens out
+        lines.append((y, f"prompt: ...{question}   answer: {r['answer']}   reward: {r['reward']:g}"))
+        x, y = pad, y + line_h
+        for t, text in enumerate(r["tokens"]):
+            shown = text.replace("\n", "\\n").replace("\ufffd", "?") or " "  # the default font has neither glyph
+            w = font.getlength(shown) + 2
+            if x + w > width - pad:
+                x, y = pad, y + line_h
+            items.append((x, y, shown, r, t))
+            x += w
+        y += line_h + pad
+    image = Image.new("RGB", (width, y + pad), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        at, text = (pad + line_h * i, line) if isinstance(line, str) else line
+        draw.text((pad, at), text, fill="black", font=font)
+    for x, y, text, r, t in items:
+        w = font.getlength(text) + 2
+        draw.rectangle([x, y, x + w, y + line_h - 4], fill=shade(rank[r["sigma"][t]]))
+        nograd, noent = r["adv_keep"][t] == 0, r["ent_keep"][t] == 0
+        draw.text((x + 1, y + 3), text, fill="#777" if nograd else "black", font=font)
+        if nograd:
+            draw.line([x, y + line_h // 2 - 1, x + w, y + line_h // 2 - 1], fill="#777", width=1)
+        if noent:
+            draw.rectangle([x, y, x + w, y + line_h - 4], outline="#d00", width=2)
+    image.save(out)
+    print(f"{out}: {len(records)} responses of iteration {records[0]['step']}, {image.width}x{image.height}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="an asyppo.py output_dir holding tokens.jsonl")
     parser.add_argument("--out", help="the page to write (default: RUN_DIR/masks.html)")
+    parser.add_argument("--png", help="also draw the first recorded iteration's first 2 responses into this PNG")
     args = parser.parse_args(argv)
     records = read_records(args.run_dir)
+    if args.png:
+        picture(records, args.png)
     out = Path(args.out or Path(args.run_dir) / "masks.html")
     out.write_text(page(records, f"AsyPPO masks: {Path(args.run_dir).resolve().name}"))
     steps = len({r["step"] for r in records})
