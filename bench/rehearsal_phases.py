@@ -6,7 +6,8 @@
 
 Runs `tools/with_cpu_memory.py` (asyppo.py with its memory/*_gb measured on CPU too) of --checkout (default: this
 one; an older commit's worktree measures "before": a checkout older than that tool runs its `asyppo.py`, which logged
-them on CPU itself) under torchrun, split 1 actor rank + 1 critic rank, the qwen3-4b-base preset with only paths,
+them on CPU itself) under torchrun, split 1 actor rank + 1 critic rank (or --placement colocated: 1 process), the
+qwen3-4b-base preset with only paths,
 sizes and device overridden as in test_rehearsal_paper_preset_*, but with a few more responses per prompt
 (--group-size), longer ones (--max-new-tokens) and questions of different lengths, so that the batch has prompt and
 response padding. No evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl time/*) averaged over
@@ -50,7 +51,7 @@ PHASES = ["rollout_s", "values_s", "actor_update_s", "critic_update_s", "sync_s"
 MEMORY = ["rollout_gb", "values_gb", "update_gb", "sync_gb", "peak_gb"]
 
 
-def overrides(models, engine, out, steps, max_new_tokens, group_size):
+def overrides(models, engine, out, steps, max_new_tokens, group_size, placement="split"):
     data = out / "data.jsonl"
     data.write_text(
         "".join(
@@ -65,6 +66,7 @@ def overrides(models, engine, out, steps, max_new_tokens, group_size):
         "--preset",
         "qwen3-4b-base",
         "device=cpu",
+        f"placement={placement}",
         "actor_ranks=1",
         f"max_steps={steps}",
         "rollout.prompts_per_step=2",
@@ -97,7 +99,8 @@ def commit(checkout):
 def measure(args):
     out = Path(args.out or f"/tmp/rehearsal_phases/{args.engine}-{commit(args.checkout)}-{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
-    argv = overrides(args.models, args.engine, out, args.steps, args.max_new_tokens, args.group_size) + args.extra
+    argv = overrides(args.models, args.engine, out, args.steps, args.max_new_tokens, args.group_size, args.placement)
+    argv += args.extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     run = {
         "engine": args.engine,
@@ -105,6 +108,7 @@ def measure(args):
         "checkout": str(args.checkout),
         "argv": argv,
         "clock": "cpu" if args.cpu_clock else "wall",
+        "placement": args.placement,
     }
     if args.cpu_clock:  # torchrun's workers have LOCAL_RANK; the launcher keeps its wall clock
         (out / "sitecustomize.py").write_text(
@@ -137,7 +141,7 @@ def measure(args):
                 "torch.distributed.run",
                 "--standalone",
                 "--nproc_per_node",
-                "2",
+                "2" if args.placement == "split" else "1",
                 script,
                 *argv,
             ],
@@ -154,6 +158,8 @@ def measure(args):
     run["iterations"] = [{k: m.get(k) for k in m if k.startswith(("time/", "memory/", "response/"))} for m in metrics]
     run["mean"] = {k: sum(m.get(f"time/{k}", 0.0) for m in measured) / len(measured) for k in PHASES}
     run["memory"] = {k: max(m.get(f"memory/{k}", 0.0) for m in metrics) for k in MEMORY}
+    ranks = sorted({k for m in metrics for k in m if k.startswith("memory/peak_gb_rank")})  # with_cpu_memory.py's
+    run["memory_per_rank"] = [max(m.get(k, 0.0) for m in metrics) for k in ranks]
     run["response_length"] = sum(m["response/length_mean"] for m in measured) / len(measured)
     (out / "run.json").write_text(json.dumps(run, indent=1))
     table([run])
@@ -185,6 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=4, help="iterations; the first is not averaged")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--placement", default="split", choices=["split", "colocated"], help="colocated: 1 process")
     parser.add_argument("--out")
     parser.add_argument("--cpu-clock", action="store_true", help="time/* in CPU seconds (hf engine)")
     parser.add_argument("--dry-run", action="store_true", help="print the memory plan of these overrides too")

@@ -21,6 +21,8 @@ def phase_memory(metrics, phase, device):
     Path("/proc/self/clear_refs").write_text("5")  # the next phase's peak starts from here
     metrics[f"memory/{phase}_gb"] = gb
     metrics["memory/peak_gb"] = max(gb, metrics.get("memory/peak_gb", 0.0))
+    # the merged metrics keep the max over ranks; this key is this rank's alone (bench/efficiency.py reads it)
+    metrics[f"memory/peak_gb_rank{asyppo.dist.get_rank()}"] = metrics["memory/peak_gb"]
 
 
 if __name__ == "__main__":
