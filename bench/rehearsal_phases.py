@@ -7,13 +7,13 @@
 Runs `tools/with_cpu_memory.py` (asyppo.py with its memory/*_gb measured on CPU too) of --checkout (default: this
 one; an older commit's worktree measures "before": a checkout older than that tool runs its `asyppo.py`, which logged
 them on CPU itself) under torchrun, split 1 actor rank + 1 critic rank (or --placement colocated: 1 process), the
-qwen3-4b-base preset with only paths,
-sizes and device overridden as in test_rehearsal_paper_preset_*, but with a few more responses per prompt
-(--group-size), longer ones (--max-new-tokens) and questions of different lengths, so that the batch has prompt and
-response padding. No evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl time/*) averaged over
-the iterations after the first (warm-up), the per-phase peak memory (memory/*_gb: VmHWM on CPU, the max over ranks),
-the load average before and after, and writes OUT/run.json for --table. --dry-run also prints the memory plan of the
-same overrides (tools/plan_memory.py of the checkout; `asyppo.py --dry-run` at a checkout older than that tool).
+qwen3-4b-base preset with only paths, sizes and device overridden as in test_rehearsal_paper_preset_*, but with a few
+more responses per prompt (--group-size), longer ones (--max-new-tokens) and questions of different lengths, so that
+the batch has prompt and response padding. No evaluation (eval.steps=0). Prints the per-phase seconds (metrics.jsonl
+time/*) averaged over the iterations after the first (warm-up), the per-phase peak memory (memory/*_gb: VmHWM on CPU,
+the max over ranks), the load average before and after, and writes OUT/run.json for --table. --dry-run also prints
+the memory plan of the same overrides (tools/plan_memory.py of the checkout; `asyppo.py --dry-run` at a checkout older
+than that tool).
 Extra key=value arguments are passed on (e.g. rollout.sync_check_tol=1 for an older commit).
 --cpu-clock: the trainer's time.time() reads its process's CPU time (time.process_time, through a sitecustomize.py
 in the worker processes only), so time/* are CPU seconds per rank and phase: on a shared machine they move far less

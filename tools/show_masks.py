@@ -72,8 +72,7 @@ def page(records, title):
     ]
     for step in sorted(by_step):
         rows = by_step[step]
-        sigmas = sorted(x for r in rows for x in r["sigma"])
-        rank = {x: i / max(1, len(sigmas) - 1) for i, x in enumerate(sigmas)}  # equal σ share the last rank
+        rank = sigma_ranks(rows)
         body.append(f"<h2 id='step{step}'>iteration {step}</h2>")
         for r in rows:
             body.append(
@@ -126,6 +125,12 @@ def summary(counts, kinds):
     return "\n".join(out)
 
 
+def sigma_ranks(rows):
+    """σ -> its rank among these responses' tokens, 0 (the critics agree most) to 1; equal σ share the last rank."""
+    sigmas = sorted(x for r in rows for x in r["sigma"])
+    return {x: i / max(1, len(sigmas) - 1) for i, x in enumerate(sigmas)}
+
+
 def picture(records, out, responses=2, width=1000):
     """A PNG of the first responses as the page draws them (for the README; the page itself has no picture). Needs
     Pillow (tensorboard installs it): `pip install pillow`."""
@@ -135,14 +140,10 @@ def picture(records, out, responses=2, width=1000):
         sys.exit("--png needs Pillow: pip install pillow")
     font, pad, line_h = ImageFont.load_default(size=15), 10, 26
     records = [r for r in records if r["step"] == records[0]["step"]][:responses]
-    sigmas = sorted(x for r in records for x in r["sigma"])
-    rank = {x: i / max(1, len(sigmas) - 1) for i, x in enumerate(sigmas)}
-    items, x, y = [], pad, pad  # (x, y, text, record, token index) laid out first, drawn after
-    legend = (
-        "shade: sigma, blue = the critics agree, orange = they disagree;  grey + struck: no policy gradient (Eq. 4);"
-    )
-    lines = [legend, "red frame: no entropy bonus (Eq. 5)"]
-    y += line_h * len(lines)
+    rank = sigma_ranks(records)
+    legend = "shade: sigma, blue = the critics agree, orange = they disagree;  grey + struck: no policy gradient"
+    lines = [(pad, legend + " (Eq. 4);"), (pad + line_h, "red frame: no entropy bonus (Eq. 5)")]  # (y, text)
+    items, y = [], pad + 2 * line_h  # (x, y, width, text, record, token index): laid out first, drawn after
     for r in records:
         question = " ".join(re.sub(r"<\|[^|]*\|>", " ", r["prompt"]).split())[-90:]  # special tokens out
         lines.append((y, f"prompt: ...{question}   answer: {r['answer']}   reward: {r['reward']:g}"))
@@ -152,16 +153,14 @@ def picture(records, out, responses=2, width=1000):
             w = font.getlength(shown) + 2
             if x + w > width - pad:
                 x, y = pad, y + line_h
-            items.append((x, y, shown, r, t))
+            items.append((x, y, w, shown, r, t))
             x += w
         y += line_h + pad
     image = Image.new("RGB", (width, y + pad), "white")
     draw = ImageDraw.Draw(image)
-    for i, line in enumerate(lines):
-        at, text = (pad + line_h * i, line) if isinstance(line, str) else line
+    for at, text in lines:
         draw.text((pad, at), text, fill="black", font=font)
-    for x, y, text, r, t in items:
-        w = font.getlength(text) + 2
+    for x, y, w, text, r, t in items:
         draw.rectangle([x, y, x + w, y + line_h - 4], fill=shade(rank[r["sigma"][t]]))
         nograd, noent = r["adv_keep"][t] == 0, r["ent_keep"][t] == 0
         draw.text((x + 1, y + 3), text, fill="#777" if nograd else "black", font=font)
