@@ -1375,15 +1375,16 @@ class RewardPool:
 
     def score(self, responses, answers, timeout_s=None):
         """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s, pairs = timeout_s or self.timeout_s, list(zip(responses, answers))
+        unique = list(dict.fromkeys(pairs))  # each distinct pair is scored once (short toy responses repeat a lot)
         with self.lock:
             self.workers = self.workers or [self._start() for _ in range(self.n)]
-            scores, timeouts, todo, busy = [0.0] * len(responses), 0, list(range(len(responses)))[::-1], {}
+            scores, timed_out, todo, busy = [0.0] * len(unique), set(), list(range(len(unique)))[::-1], {}
             while todo or busy:
                 for w in range(len(self.workers)):
                     if w not in busy and todo:
                         job = todo.pop()
-                        self.workers[w][1].send((responses[job], answers[job]))
+                        self.workers[w][1].send(unique[job])
                         busy[w] = (job, time.monotonic())
                 ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
                 for w, (job, t0) in list(busy.items()):  # busy: worker -> (its job, when it got it)
@@ -1393,12 +1394,13 @@ class RewardPool:
                         except EOFError:  # the worker died (killed from outside): the call scores 0
                             self._replace(w)
                     elif time.monotonic() - t0 > timeout_s:  # stuck: the call scores 0 and counts as a timeout
-                        timeouts += 1
+                        timed_out.add(unique[job])
                         self._replace(w)
                     else:
                         continue  # still within its time
                     del busy[w]
-            return scores, timeouts
+        score_of = dict(zip(unique, scores))
+        return [score_of[p] for p in pairs], sum(p in timed_out for p in pairs)
 
     def _replace(self, w):
         proc, conn = self.workers[w]
@@ -1504,10 +1506,15 @@ def prompt_batch(cfg, dataset, step, part, parts):
     prompts, answers = dataset
     B = cfg.rollout.prompts_per_step
     epoch, i = divmod(step, len(prompts) // B)
-    order = list(range(len(prompts)))
-    random.Random(f"{cfg.seed}-epoch{epoch}").shuffle(order)
-    idx = order[i * B : (i + 1) * B][part * B // parts : (part + 1) * B // parts]
+    idx = epoch_order(cfg.seed, epoch, len(prompts))[i * B : (i + 1) * B][part * B // parts : (part + 1) * B // parts]
     return [prompts[j] for j in idx], [answers[j] for j in idx]
+
+
+@functools.lru_cache(maxsize=1)  # one shuffle per epoch, not one per iteration
+def epoch_order(seed, epoch, n):
+    order = list(range(n))
+    random.Random(f"{seed}-epoch{epoch}").shuffle(order)
+    return order
 
 
 # =============================================================================================================
