@@ -7,7 +7,7 @@ writes OUT_DIR/actor (SmolLM2-135M-Instruct: Llama, 30 layers, 134.5M parameters
 EOS <|im_end|>) and OUT_DIR/critic (its first --critic-layers decoder layers, embeddings and final norm: the same
 tokenizer, a smaller model; the trainer adds the value head). Both in bfloat16, as the Qwen3 checkpoints are published.
 Nothing is downloaded: transformers reads the GGUF file (dequantising its Q4_1 weights; this needs `gguf`, and
-`accelerate`, which transformers asks for when it loads a GGUF model). Takes about 20 s on 2 CPU cores.
+`accelerate`, which transformers asks for when it loads a GGUF model). Takes about 30 s on 2 CPU cores.
 Used by the rehearsal tests (test_asyppo.py -k rehearsal) and by README, "Rehearse the paper preset on CPU"."""
 
 import argparse
@@ -30,16 +30,17 @@ def build(out_dir, critic_layers=2):
     package = list(spec.submodule_search_locations)[0]
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)  # dequantised once
+    model.hf_quantizer = None  # the weights are dequantised already; save them as a plain checkpoint
+    del model.config.quantization_config
+    model.to(torch.bfloat16)
     for name, layers in (("actor", None), ("critic", critic_layers)):
-        model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are dequantised already; save them as a plain checkpoint
-        del model.config.quantization_config
         if layers:  # a mini-critic: the first `layers` decoder layers of the same model
             model.model.layers = model.model.layers[:layers]
             model.config.num_hidden_layers = layers
             if getattr(model.config, "layer_types", None):
                 model.config.layer_types = model.config.layer_types[:layers]
-        model.to(torch.bfloat16).save_pretrained(out_dir / name)
+        model.save_pretrained(out_dir / name)
         tokenizer.save_pretrained(out_dir / name)
     return str(out_dir / "actor"), str(out_dir / "critic")
 
