@@ -643,7 +643,7 @@ def main(argv=None):
                     [lp + [0.0] * (mask.shape[1] - len(lp)) for lp in sampler_logp], device=device
                 )
                 metrics["rollout/logprob_diff"] = float(masked_mean((engine_logp - old_logp).abs(), mask[mine]))
-            values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)  # AsyPPO
+            values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
             metrics["time/values_s"] = time.time() - t0
             phase_memory(metrics, "values", device)
             # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same ====================
