@@ -1374,7 +1374,7 @@ class RewardPool:
         return proc, conn
 
     def score(self, responses, answers, timeout_s=None):
-        """-> (scores list, number of calls cut off at timeout_s, by default the pool's)."""
+        """-> (scores list, number of responses whose call was cut off at timeout_s, by default the pool's)."""
         timeout_s, pairs = timeout_s or self.timeout_s, list(zip(responses, answers))
         unique = list(dict.fromkeys(pairs))  # each distinct pair is scored once (short toy responses repeat a lot)
         with self.lock:
