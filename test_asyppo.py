@@ -1501,7 +1501,7 @@ def test_learning_reward_rises(tmp_path, engine):
                 )
             )
         for seed, proc in zip(seeds, procs):
-            # hf: ~180 s alone (one thread) on an AVX-512 Xeon, ~350 s for two at once on a 2-core AVX2 EPYC
+            # hf: ~180 s alone (one thread) on an AVX-512 Xeon, 265-323 s for two at once on a 2-core AVX2 EPYC
             assert proc.wait(timeout=3000) == 0, (tmp_path / f"{seed}.log").read_text()[-5000:]
     finally:
         for proc in procs:
