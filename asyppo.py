@@ -1839,7 +1839,7 @@ def evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, group):
 
 def describe_run(cfg, layout, sizes, held, log):
     """What each rank holds (parameters in all, and in this rank's FSDP2 part), then the batch arithmetic (rank 0)."""
-    count = lambda model, here: sum(p.to_local().numel() if here else p.numel() for p in model.parameters())  # noqa: E731
+    count = lambda model, here: sum(p.to_local().numel() if here else p.numel() for p in model.parameters())  # noqa
     held_here = [f"{name} {count(t.model, False):,} params, {count(t.model, True):,} here" for name, t in held.items()]
     say(f"[rank {dist.get_rank()}] holds " + "; ".join(held_here))
     s, N, M = sizes, sizes.n_global, cfg.algo.num_critics
