@@ -602,7 +602,8 @@ def main(argv=None):
                 # ======== 2. reward (actor ranks): math-verify on the decoded responses ==============================
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 scores, metrics["reward/timeouts"] = rewarder.score(texts, answers)
-                logger.samples(step, tokenizer, prompts, responses, texts, answers, scores, stop_ids)
+                logger.samples(step, tokenizer, stop_ids, prompts=prompts, responses=responses, texts=texts,
+                               answers=answers, scores=scores)  # fmt: skip
             # ======== 3. the rollout batch to every rank: every critic values every sequence =========================
             batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, pad_id, device)
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
@@ -857,8 +858,8 @@ def load_critic(path, cfg, device, mesh, seed):
     torch.manual_seed(seed)
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # the head is missing from the checkpoint by design: said below
-    try:  # AsyPPO: a small LM, not an actor copy
-        model, info = AutoModelForTokenClassification.from_pretrained(
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(  # AsyPPO: a small LM, not an actor copy
             path, config=config, dtype=torch.float32, trust_remote_code=trust, output_loading_info=True
         )
     finally:
@@ -1468,7 +1469,7 @@ def widen(x, attn, L):
     return F.pad(x, (0, L - x.shape[1]))  # [n, L]: 0 after the micro-batch's longest response
 
 
-def actor_logprobs(actor, input_ids, attn, L, temperature, with_entropy, spans=None):
+def actor_logprobs(actor, input_ids, attn, L, temperature, *, with_entropy, spans=None):
     """log π(o_t|s_t) of the last L (response) tokens and the full-vocabulary entropy H_t, [n, L] each, 0 on padding,
     for the temperature-scaled policy the sampler draws from (top-p/top-k truncation ignored, as is usual)."""
     input_ids, attn, Lc = cut(input_ids, attn, L, token_spans(attn) if spans is None else spans)  # [n, T'], L' <= L
@@ -1506,7 +1507,7 @@ def pi_old(actor, input_ids, attn, L, cfg):
     """log π_old of this actor rank's responses, [n, L]: the policy that sampled them, before this update."""
     T = cfg.rollout.temperature
     return micro_batched(
-        lambda model, ids, a, spans: actor_logprobs(model, ids, a, L, T, False, spans)[0],
+        lambda model, ids, a, spans: actor_logprobs(model, ids, a, L, T, with_entropy=False, spans=spans)[0],
         actor, input_ids, attn, cfg.actor.forward_micro_batch_size,
     )  # fmt: skip
 
@@ -1539,7 +1540,8 @@ def update_actor(actor, cfg, sizes, *, batch, old_logp, adv, adv_keep, ent_keep,
         for mb in torch.randperm(sizes.n_local, generator=generator).split(o.sequences_per_step // sizes.actor_dp):
             for idx in mb.split(o.micro_batch_size):
                 cols = [spans[i] for i in idx.tolist()]
-                logp, entropy = actor_logprobs(actor.model, input_ids[idx], attn[idx], L, T, True, cols)
+                logp, entropy = actor_logprobs(actor.model, input_ids[idx], attn[idx], L, T,
+                                               with_entropy=True, spans=cols)  # fmt: skip
                 loss, s = policy_loss(
                     logp, old_logp[idx], adv[idx], mask[idx], adv_keep=adv_keep[idx], entropy=entropy,
                     ent_keep=ent_keep[idx], clip_eps=a.clip_eps, ent_coef=a.ent_coef, loss_agg=a.loss_agg,
@@ -1922,7 +1924,7 @@ class MetricsLog:
         self.files[i].write(json.dumps(line) + "\n")
         self.files[i].flush()  # every iteration is on disk even if the run dies
 
-    def samples(self, step, tokenizer, prompts, responses, texts, answers, scores, stop_ids):
+    def samples(self, step, tokenizer, stop_ids, *, prompts, responses, texts, answers, scores):
         """The first 4 responses of the iteration, decoded: what the model writes and what it was scored."""
         for p, r, text, answer, score in list(zip(prompts, responses, texts, answers, scores))[: 4 * self.writer]:
             self.write(1, dict(step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score,

@@ -539,7 +539,7 @@ def rollout(actor, cfg, seed=0):
         attn[i, P - p : P + r] = 1
     mask = attn[:, P:].float()  # [8, L]
     with torch.no_grad():
-        logp, _ = asyppo.actor_logprobs(actor, input_ids, attn, L, cfg.rollout.temperature, False)
+        logp, _ = asyppo.actor_logprobs(actor, input_ids, attn, L, cfg.rollout.temperature, with_entropy=False)
     actor.reshard()  # as micro_batched does: FSDP2 leaves the root unsharded after a forward-only pass
     old_logp = (logp + 0.3 * torch.randn(8, L, generator=g)) * mask
     adv = torch.randn(8, L, generator=g) * mask
@@ -600,7 +600,9 @@ def test_update_actor_gradient_accumulation_matches_one_micro_batch(fsdp_actor, 
         before = [p.full_tensor().detach().clone() for p in actor.parameters()]
         if manual:
             input_ids, attn, mask = batch
-            logp, entropy = asyppo.actor_logprobs(actor, input_ids, attn, mask.shape[1], cfg.rollout.temperature, True)
+            logp, entropy = asyppo.actor_logprobs(
+                actor, input_ids, attn, mask.shape[1], cfg.rollout.temperature, with_entropy=True
+            )
             a = cfg.algo
             loss, _ = asyppo.policy_loss(
                 logp, old_logp, adv, mask, adv_keep=adv_keep, entropy=entropy, ent_keep=ent_keep,
@@ -739,7 +741,13 @@ def test_micro_batches_cut_to_their_span_match_the_full_width(monkeypatch):
             parts = [
                 (
                     *asyppo.actor_logprobs(
-                        actor, input_ids[i : i + mb], attn[i : i + mb], L, 0.7, True, spans[i : i + mb]
+                        actor,
+                        input_ids[i : i + mb],
+                        attn[i : i + mb],
+                        L,
+                        0.7,
+                        with_entropy=True,
+                        spans=spans[i : i + mb],
                     ),
                     asyppo.critic_values(critic, input_ids[i : i + mb], attn[i : i + mb], L, spans[i : i + mb]),
                 )
@@ -752,8 +760,10 @@ def test_micro_batches_cut_to_their_span_match_the_full_width(monkeypatch):
                 assert (new[mask == 0] == 0).all()  # padding reads 0 in every pass, whatever its micro-batch
     monkeypatch.setattr(asyppo, "LOGPROB_CHUNK", 7)  # no gradients, no entropy: float32 copies 7 tokens at a time
     with torch.no_grad():
-        chunked = asyppo.actor_logprobs(actor, input_ids, attn, L, 0.7, False, spans)[0]
-        assert torch.equal(chunked, asyppo.actor_logprobs(actor, input_ids, attn, L, 0.7, True, spans)[0])
+        chunked = asyppo.actor_logprobs(actor, input_ids, attn, L, 0.7, with_entropy=False, spans=spans)[0]
+        assert torch.equal(
+            chunked, asyppo.actor_logprobs(actor, input_ids, attn, L, 0.7, with_entropy=True, spans=spans)[0]
+        )
     # the same policy and value losses and the same gradients, one sequence per micro-batch (the paper preset's)
     adv, returns = torch.randn(5, L), torch.rand(5, L)
     adv_keep, ent_keep = (torch.rand(5, L) > 0.2).float() * mask, (torch.rand(5, L) > 0.2).float() * mask
@@ -767,7 +777,9 @@ def test_micro_batches_cut_to_their_span_match_the_full_width(monkeypatch):
             if path == "full":
                 logp, entropy, values = full_width(actor, critic, input_ids[row], attn[row], L, 0.7)
             else:
-                logp, entropy = asyppo.actor_logprobs(actor, input_ids[row], attn[row], L, 0.7, True, spans[row])
+                logp, entropy = asyppo.actor_logprobs(
+                    actor, input_ids[row], attn[row], L, 0.7, with_entropy=True, spans=spans[row]
+                )
                 values = asyppo.critic_values(critic, input_ids[row], attn[row], L, spans[row])
             pl, _ = policy_loss(
                 logp, behaviour[row], adv[row], mask[row], **keeps(adv_keep[row], entropy, ent_keep[row], ent_coef=0.01)
@@ -2877,7 +2889,7 @@ for gc in (False, True):
         saved = []
         pack = lambda t: saved.append(t.numel() * t.element_size()) or t  # noqa: E731
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = (asyppo.actor_logprobs(model, ids, attn, 32, 1.0, True)[0] if name == "actor"
+            loss = (asyppo.actor_logprobs(model, ids, attn, 32, 1.0, with_entropy=True)[0] if name == "actor"
                     else asyppo.critic_values(model, ids, attn, 32)).sum()
         loss.backward()
         dropout = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
