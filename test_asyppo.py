@@ -1451,8 +1451,8 @@ if __name__ == "__main__":
 
 def assert_updates_overlap(ranks):
     """In split the critic ranks update the critics while the actor ranks update the actor: in some iteration their
-    wall-clock spans (recorded by a driver that wraps the two updates) overlap. On a shared 2-core machine a rank may
-    get no CPU for a while: at least one iteration must overlap, by no more than the actor's update took."""
+    wall-clock spans (recorded by a driver that wraps the two updates; from the first rank's start to the last rank's
+    end) overlap. On a shared 2-core machine a rank may get no CPU for a while: one overlapping iteration is enough."""
     by_role = {"actor": [], "critic": []}
     for spans in ranks:
         for i, (role, start, end) in enumerate(spans):
@@ -1462,10 +1462,8 @@ def assert_updates_overlap(ranks):
         actor = [(s, e) for j, s, e in by_role["actor"] if j == i]
         critic = [(s, e) for j, s, e in by_role["critic"] if j == i]
         start = max(min(s for s, _ in actor), min(s for s, _ in critic))
-        overlaps.append(
-            (max(0.0, min(max(e for _, e in actor), max(e for _, e in critic)) - start), actor[0][1] - actor[0][0])
-        )
-    assert all(o <= a + 1e-3 for o, a in overlaps) and any(o > 0 for o, _ in overlaps), overlaps
+        overlaps.append(min(max(e for _, e in actor), max(e for _, e in critic)) - start)  # < 0: apart by that much
+    assert any(o > 0 for o in overlaps), overlaps
 
 
 # Per engine: (seeds, iterations, last window, smallest rise of every seed, smallest mean of the last windows). hf runs
