@@ -100,7 +100,7 @@ def aggregate_values(values, how="mean"):
 
 def gae(rewards, values, mask, gamma, lam):
     """Eq. 3: generalized advantage estimation (https://arxiv.org/abs/1506.02438) -> (advantages, returns), [N, L].
-    V after the last token is 0. Example: reward 1 on the last of 2 tokens, γ = λ = 1, V = [0.3, 0.6] -> δ = [0.3, 0.4],
+    V after the last token is 0. Example: reward 1 on the last of 2 tokens, γ = λ = 1, V = [.3, .6] -> δ = [.3, .4],
     Â = [0.7, 0.4] = R − V, returns [1, 1]. Vectorised: no Python loop over the 8,000 tokens of a response."""
     values, rewards = values * mask, rewards * mask
     next_values = F.pad(values[:, 1:], (0, 1))  # [N, L]: V(s_{t+1}), 0 after the last token
@@ -117,7 +117,7 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def uncertainty_masks(values, mask, adv_mask_frac, ent_filter_frac, tie_seed=None):
-    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) over the critics, ranked over all valid tokens -> adv_keep, ent_keep [N, L]:
+    """AsyPPO Eq. 4-5: σ_t = std_m V_m(s_t) over the critics, ranked over valid tokens -> adv_keep, ent_keep [N, L]:
     adv_keep = 0 on the floor(adv_mask_frac · n) lowest σ (critics agree: no policy gradient), ent_keep = 0 on the
     floor(ent_filter_frac · n) highest (they disagree: no entropy bonus). Ties are ordered by a tie_seed permutation.
     Example: σ on 5 valid tokens [.1, .5, .1, .9, .3], fractions 0.2 -> adv_keep [0,1,1,1,1], ent_keep [1,1,1,0,1]."""
@@ -146,7 +146,7 @@ def aggregate_loss(per_token, mask, how="seq-mean-token-mean"):
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, adv_keep, entropy, ent_keep, clip_eps, ent_coef, loss_agg):
-    """Eq. 5 as a loss to minimise: −J, J = mean_seq (1/|o|) Σ_t [I^A_t · min(ρÂ, clip(ρ, 1±ε)Â) + β · I^H_t · H_t].
+    """Eq. 5, minimised as −J: J = mean_seq (1/|o|) Σ_t [I^A_t min(ρÂ, clip(ρ, 1±ε)Â) + β I^H_t H_t].
     Tokens dropped by a mask stay in the 1/|o| denominator. Returns (loss, stats of detached scalars)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)  # ρ_t
@@ -165,7 +165,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, adv_keep, entropy, ent_keep
 
 
 def value_loss(values, returns, mask, loss_agg="seq-mean-token-mean"):
-    """Eq. 1's loss for one critic on its shard: 0.5 · (V_m(s_t) − R_t)², aggregated like the policy loss; unclipped."""
+    """Eq. 1's loss for one critic on its shard: 0.5 (V_m(s_t) − R_t)², aggregated as the policy loss; unclipped."""
     return aggregate_loss(0.5 * (values - returns) ** 2, mask, loss_agg)
 
 
@@ -303,7 +303,7 @@ class Config:
     max_steps: int = 500  # iterations (rollout + update)
     output_dir: str = "runs/qwen3-4b-base"
     save_steps: int = 50  # resumable checkpoint (torch.distributed.checkpoint) every N iterations (0: never)
-    token_steps: int = 50  # tokens.jsonl: per token σ, V̄, Â and the masks of 4 responses every N iterations (0: never)
+    token_steps: int = 50  # tokens.jsonl: each token's σ, V̄, Â, masks, 4 responses every N iterations (0: never)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume: str = ""  # auto: the latest checkpoint in OUTPUT_DIR/checkpoints, if any | a checkpoint directory
     report_to: list = field(default_factory=list)  # also log metrics to: tensorboard, wandb (optional installs)
@@ -608,7 +608,7 @@ def main(argv=None):
             batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, pad_id, device)
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             phase_memory(metrics, "rollout", device)
-            # ======== 4. values (critics' ranks) ∥ π_old (actor ranks) ==============================================
+            # ======== 4. values (critics' ranks) ∥ π_old (actor ranks) =======================================
             t0 = time.time()
             if is_actor:  # first: in split the critics' ranks value the batch meanwhile
                 old_logp = pi_old(actor.model, input_ids[mine], attn[mine], mask.shape[1], cfg)
@@ -620,7 +620,7 @@ def main(argv=None):
             values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
             metrics["time/values_s"] = time.time() - t0
             phase_memory(metrics, "values", device)
-            # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same ====================
+            # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same =============
             adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
             if cfg.algo.critic_first and M:  # AsyPPO: Algorithm 1's order: train the critics, then value again
                 metrics.update(update_critics(critics, cfg, layout, batch, returns, shard))
@@ -628,7 +628,7 @@ def main(argv=None):
                 adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
             if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank stops
                 raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
-            # ======== 6. actor update (actor ranks) ∥ 7. each critic on its own shard (critics' ranks) ===============
+            # ======== 6. actor update (actor ranks) ∥ 7. each critic on its own shard (critics' ranks) ========
             if is_actor and step >= cfg.algo.critic_warmup_steps:
                 t0 = time.time()
                 metrics |= update_actor(actor, cfg, sizes, batch=(input_ids[mine], attn[mine], mask[mine]),
@@ -660,7 +660,7 @@ def main(argv=None):
             metrics["time/iteration_s"] = time.time() - t_start
             if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
-            if rank == 0 and M and cfg.token_steps and step % cfg.token_steps == 0:  # AsyPPO: σ and the masks per token
+            if rank == 0 and M and cfg.token_steps and step % cfg.token_steps == 0:  # AsyPPO: σ, masks per token
                 logger.tokens(step, tokenizer, prompts, answers, batch, scores, cfg.algo.value_agg,
                               values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
             logger.log(metrics)
