@@ -1286,8 +1286,9 @@ class RewardPool:
         self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([self.module.__name__])
-        main_thread = threading.current_thread() is threading.main_thread()  # torchrun signals the process group: the
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None  # server ignores SIGTERM
+        # torchrun's SIGTERM reaches the whole process group: the fork server ignores it, the trainer still scores
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
         try:
             multiprocessing.forkserver.ensure_running()  # it imports in the background; workers start at first score
         finally:
@@ -1729,8 +1730,7 @@ def say(line):
 # =============================================================================================================
 def resume(cfg, ckpt_dir, held, engine, log):
     """-> (first iteration, the weight-sync check's {"probe", "baseline"} or None), from the checkpoint resume= names
-    (auto: the latest one).
-    Rank 0 picks it: ranks with other views of the disk would load different steps and hang."""
+    (auto: the latest one). Rank 0 picks it: ranks with other views of the disk would load different steps and hang."""
 
     def pick():
         return latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
