@@ -1519,10 +1519,10 @@ def all_critic_values(critics, layout, batch, micro_batch_size, num_critics):
     input_ids, attn, mask = batch
     values = torch.zeros(num_critics, *mask.shape, device=mask.device)  # [M, N, L]
     for m, critic in critics.items():
-        rows = rank_share(torch.arange(len(mask), device=mask.device), layout.critics[m])
-        values[m, rows] = micro_batched(
+        here = rank_share(torch.arange(len(mask), device=mask.device), layout.critics[m])  # this rank's part
+        values[m, here] = micro_batched(
             lambda model, ids, a, spans: critic_values(model, ids, a, mask.shape[1], spans),
-            critic.model, input_ids[rows], attn[rows], micro_batch_size,
+            critic.model, input_ids[here], attn[here], micro_batch_size,
         )  # fmt: skip
     for m in range(num_critics):
         broadcast_chunks(values[m], layout.critics[m])  # AsyPPO: critic m's values from its ranks to every rank
