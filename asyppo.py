@@ -178,7 +178,7 @@ def grpo_advantages(rewards, group_size, mask, eps=1e-6):
     return adv.view(-1, 1) * mask
 
 
-def advantages_and_masks(cfg, values, rewards, scores, mask, step):
+def advantages_and_masks(cfg, values, *, rewards, scores, mask, step):
     """Eq. 2-5 on the whole rollout batch: values [M, N, L], rewards [N, L] (the score on the last token), scores [N],
     mask [N, L] -> (Â, critic targets, adv_keep, ent_keep). Every rank gets the same tensors, so the same masks."""
     if cfg.algo.name == "grpo":  # the critic-free baseline: one group-normalised advantage per sequence
@@ -605,7 +605,8 @@ def main(argv=None):
                 logger.samples(step, tokenizer, stop_ids, prompts=prompts, responses=responses, texts=texts,
                                answers=answers, scores=scores)  # fmt: skip
             # ======== 3. the rollout batch to every rank: every critic values every sequence =========================
-            batch, rewards, scores = share_rollout(prompts, responses, scores, layout, sizes, pad_id, device)
+            batch, rewards, scores = share_rollout(prompts, responses, scores, layout=layout, sizes=sizes,
+                                                   pad_id=pad_id, device=device)  # fmt: skip
             input_ids, attn, mask = batch  # [N, P+L], [N, P+L], [N, L]: the whole batch, the same on every rank
             phase_memory(metrics, "rollout", device)
             # ======== 4. values (critics' ranks) ∥ π_old (actor ranks) =======================================
@@ -621,11 +622,13 @@ def main(argv=None):
             metrics["time/values_s"] = time.time() - t0
             phase_memory(metrics, "values", device)
             # ======== 5. V̄, GAE and the σ masks, on the whole batch: every rank computes the same =============
-            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+            adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards=rewards, scores=scores,
+                                                                    mask=mask, step=step)  # fmt: skip
             if cfg.algo.critic_first and M:  # AsyPPO: Algorithm 1's order: train the critics, then value again
                 metrics.update(update_critics(critics, cfg, layout, batch, returns, shard))
                 values = all_critic_values(critics, layout, batch, cfg.critic.forward_micro_batch_size, M)
-                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+                adv, _, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards=rewards, scores=scores,
+                                                                  mask=mask, step=step)  # fmt: skip
             if not torch.isfinite(adv).all():  # the same tensor on every rank: every rank stops
                 raise NonFiniteError("non-finite advantages (check the rewards and the critics' values)")
             # ======== 6. actor update (actor ranks) ∥ 7. each critic on its own shard (critics' ranks) ========
@@ -651,7 +654,8 @@ def main(argv=None):
                 metrics["rollout/sync_check_diff"], metrics["rollout/sync_check_max"] = gap
                 metrics["rollout/sync_check_baseline"] = sync_ref["baseline"]
                 if eval_sets and cfg.eval.steps and ((step + 1) % cfg.eval.steps == 0 or step + 1 == cfg.max_steps):
-                    metrics.update(evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, actor.mesh.get_group()))
+                    metrics.update(evaluate(cfg, engine, tokenizer, eval_sets, step=step, rewarder=rewarder,
+                                            group=actor.mesh.get_group()))  # fmt: skip
             phase_memory(metrics, "sync", device)
             # ======== 9. log: every rank's metrics, merged, then the batch's statistics ============================
             metrics = merge_over_ranks(metrics)
@@ -661,8 +665,9 @@ def main(argv=None):
             if rank == 0:  # the batch's σ and explained variances: the same on every rank, computed once
                 metrics.update(uncertainty_stats(values, returns, mask, adv_keep, ent_keep))
             if rank == 0 and M and cfg.token_steps and step % cfg.token_steps == 0:  # AsyPPO: σ, masks per token
-                logger.tokens(step, tokenizer, prompts, answers, batch, scores, cfg.algo.value_agg,
-                              values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
+                logger.tokens(step, tokenizer, prompts=prompts, answers=answers, batch=batch, scores=scores,
+                              value_agg=cfg.algo.value_agg, values=values, adv=adv, adv_keep=adv_keep,
+                              ent_keep=ent_keep)  # fmt: skip
             logger.log(metrics)
             # ======== 10. checkpoint when due, or when a signal came =================================================
             stop = torch.tensor(float(bool(stop_signal)), device=device)
@@ -1644,7 +1649,7 @@ def broadcast_chunks(t, owners):
     return t
 
 
-def share_rollout(prompts, responses, scores, layout, sizes, pad_id, device):
+def share_rollout(prompts, responses, scores, *, layout, sizes, pad_id, device):
     """The whole rollout batch on every rank, from each actor rank's lists (empty on the critics' ranks):
     input_ids, attn [N, P+L] (left-padded prompt | right-padded response), mask [N, L] (valid response tokens),
     rewards [N, L] (the score on the last valid token) and scores [N]. One broadcast per actor rank and tensor."""
@@ -1813,7 +1818,7 @@ def load_checkpoint(path, held):
 # =============================================================================================================
 # Evaluation and logging
 # =============================================================================================================
-def evaluate(cfg, engine, tokenizer, eval_sets, step, rewarder, group):
+def evaluate(cfg, engine, tokenizer, eval_sets, *, step, rewarder, group):
     """avg@k per set: k samples per problem at the eval sampling settings, the mean of their 0/1 rewards. The actor
     ranks (`group`) split the problems (rank r takes r, r + A, ...) and sum the counts."""
     e, rank, world = cfg.eval, dist.get_rank(group), dist.get_world_size(group)
@@ -1930,7 +1935,7 @@ class MetricsLog:
             self.write(1, dict(step=step, prompt=tokenizer.decode(p), response=text, answer=answer, reward=score,
                                tokens=len(r), stopped=r[-1] in stop_ids))  # fmt: skip
 
-    def tokens(self, step, tokenizer, prompts, answers, batch, scores, value_agg, *, values, adv, adv_keep, ent_keep):
+    def tokens(self, step, tokenizer, *, prompts, answers, batch, scores, value_agg, values, adv, adv_keep, ent_keep):
         """tokens.jsonl: for the iteration's first 4 responses (rank 0's rows), per token: its text, each critic's
         value, V̄, σ, Â and whether each mask kept it (tools/show_masks.py draws them), in full float32 precision."""
         input_ids, _, mask = batch

@@ -406,11 +406,11 @@ def test_advantages_and_masks_use_gamma_lam_and_whitening_from_the_config():
     raw = [[0.304, 0.32, 0.4], [0.035, -0.3, 0.0]]
     returns = [[0.504, 0.72, 1.0], [0.135, 0.0, 0.0]]  # Â + V̄, 0 on padding
     cfg = asyppo.parse_config(["algo.gamma=0.9", "algo.lam=0.5", "algo.whiten_advantages=false"])
-    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards=rewards, scores=scores, mask=mask, step=0)
     assert approx(adv, raw) and approx(ret, returns)
     cfg = asyppo.parse_config(["algo.gamma=0.9", "algo.lam=0.5"])
     assert cfg.algo.whiten_advantages  # the default
-    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    adv, ret, _, _ = asyppo.advantages_and_masks(cfg, values, rewards=rewards, scores=scores, mask=mask, step=0)
     # valid Â [.304, .32, .4, .035, -.3]: mean .1518, population std .2572255 -> (Â - mean) / std
     assert approx(adv, [[0.5917, 0.6539, 0.96491], [-0.45408, -1.75644, 0.0]], 1e-4)
     assert approx(ret, returns)  # the critics' targets are not whitened
@@ -424,7 +424,9 @@ def test_value_agg_sets_the_baseline_and_the_masks_come_from_the_std_over_critic
     values = torch.stack([v_bar - s, v_bar, v_bar + s])  # M = 3: mean V̄, min V̄ - s, σ = s·sqrt(2/3)
     over = ["algo.gamma=1.0", "algo.lam=1.0", "algo.whiten_advantages=false", f"algo.value_agg={how}"]
     cfg = asyppo.parse_config([*over, "algo.adv_mask_frac=0.4", "algo.ent_filter_frac=0.4"])
-    adv, ret, adv_keep, ent_keep = asyppo.advantages_and_masks(cfg, values, rewards, scores, mask, 0)
+    adv, ret, adv_keep, ent_keep = asyppo.advantages_and_masks(
+        cfg, values, rewards=rewards, scores=scores, mask=mask, step=0
+    )
     # γ = λ = 1: Â_t = score - V̄_t on every valid token; the return is the score
     # mean: V̄ = [[.5, .2, .4], [.6, .1]];  min: V̄ - s = [[.45, -.1, .3], [.4, -.05]]
     expected = {"mean": [[0.5, 0.8, 0.6], [-0.6, -0.1, 0.0]], "min": [[0.55, 1.1, 0.7], [-0.4, 0.05, 0.0]]}[how]
@@ -1829,8 +1831,9 @@ def test_token_records_stay_small_at_paper_scale(tmp_path):
     logger = asyppo.MetricsLog.__new__(asyppo.MetricsLog)
     with open(tmp_path / "tokens.jsonl", "w") as f:
         logger.files = [None, None, f]  # metrics, samples, tokens
-        logger.tokens(0, tok, [[3]] * n, ["1"] * n, (input_ids, None, mask), torch.zeros(n), "mean",
-                      values=values, adv=adv, adv_keep=adv_keep, ent_keep=ent_keep)  # fmt: skip
+        logger.tokens(0, tok, prompts=[[3]] * n, answers=["1"] * n, batch=(input_ids, None, mask),
+                      scores=torch.zeros(n), value_agg="mean", values=values, adv=adv, adv_keep=adv_keep,
+                      ent_keep=ent_keep)  # fmt: skip
     per_iteration = (tmp_path / "tokens.jsonl").stat().st_size
     run_mb = per_iteration * (cfg.max_steps // cfg.token_steps) / 1e6
     print(f"tokens.jsonl: {per_iteration / 1e6:.2f} MB per recorded iteration, {run_mb:.1f} MB for the paper's run")
@@ -2431,8 +2434,9 @@ import asyppo
 advantages_and_masks = asyppo.advantages_and_masks
 
 
-def nan_at_iteration_1(cfg, values, rewards, scores, mask, step):  # what a NaN reward or value leads to
-    adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards, scores, mask, step)
+def nan_at_iteration_1(cfg, values, *, rewards, scores, mask, step):  # what a NaN reward or value leads to
+    adv, returns, adv_keep, ent_keep = advantages_and_masks(cfg, values, rewards=rewards, scores=scores, mask=mask,
+                                                            step=step)  # fmt: skip
     return (adv * float("nan") if step == 1 else adv), returns, adv_keep, ent_keep
 
 
