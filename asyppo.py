@@ -1291,7 +1291,7 @@ class RewardPool:
         self.module = sys.modules[__name__] if __name__ != "__main__" else importlib.import_module(Path(__file__).stem)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload([self.module.__name__])
-        # torchrun's SIGTERM reaches the whole process group: the fork server ignores it, the trainer still scores
+        # the fork server ignores SIGTERM (torchrun signals the whole group): the trainer still scores after one
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
         try:
